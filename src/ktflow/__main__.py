@@ -1,0 +1,5 @@
+import sys
+
+from ktflow.cli import main
+
+sys.exit(main())

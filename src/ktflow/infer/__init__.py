@@ -1,0 +1,1 @@
+"""Batch inference behind one interface: in-process transformers, or an OpenAI-compatible server."""

@@ -1,0 +1,107 @@
+"""The inference interface, the request rows, and the resumable JSONL writer."""
+
+from __future__ import annotations
+
+import json
+import os
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ktflow.errors import KtflowInputError
+
+
+@dataclass(frozen=True)
+class Request:
+    id: str
+    messages: list[dict[str, str]]
+    label: str
+
+    @property
+    def prompt(self) -> str:
+        return self.messages[-1]["content"]
+
+
+@dataclass(frozen=True)
+class Sampling:
+    max_new_tokens: int = 64
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int = 42
+    batch_size: int = 16
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class InferenceBackend(ABC):
+    name: str
+    generated_tokens: int = 0
+
+    @abstractmethod
+    def generate(self, requests: list[Request]) -> Iterator[tuple[Request, str]]:
+        """Yield (request, completion) pairs; order may differ from the input."""
+
+    def close(self) -> None:
+        """Release models, servers and connections."""
+
+
+def requests_from_alpaca(path: Path, rows: list[dict[str, Any]], system: str | None = None) -> list[Request]:
+    """Prompt = instruction + newline + input, exactly as LLaMA-Factory's alpaca converter builds it."""
+    requests: list[Request] = []
+    seen: set[str] = set()
+    for index, row in enumerate(rows):
+        for key in ("id", "instruction", "output"):
+            if not isinstance(row.get(key), str):
+                raise KtflowInputError(path, f"row {index}.{key}", "missing or not a string")
+        if row["id"] in seen:
+            raise KtflowInputError(path, f"row {index}.id", f"duplicate id {row['id']!r}")
+        seen.add(row["id"])
+        content = "\n".join(part for part in (row["instruction"], row.get("input") or "") if part)
+        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": content}]
+        requests.append(Request(id=row["id"], messages=messages, label=row["output"]))
+    return requests
+
+
+class ResumableJsonl:
+    """Rows land in ``<out>.partial`` as they finish; ``finish()`` renames it to ``<out>``.
+
+    After a kill, the partial file tells which ids are done, so a rerun only asks for
+    the rest. A torn last line (killed mid-write) is dropped.
+    """
+
+    def __init__(self, out: Path) -> None:
+        self.out = out
+        self.partial = out.with_name(out.name + ".partial")
+        self.done: dict[str, dict[str, Any]] = {}
+        if self.partial.is_file():
+            for line in self.partial.read_text(encoding="utf-8").splitlines():
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:
+                    break
+                self.done[row["id"]] = row
+        self.partial.parent.mkdir(parents=True, exist_ok=True)
+        # Rewrite only the complete rows so a torn tail never survives.
+        with open(self.partial, "w", encoding="utf-8") as handle:
+            for row in self.done.values():
+                handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+        self._handle = open(self.partial, "a", encoding="utf-8")  # noqa: SIM115 - closed in finish()
+
+    def append(self, rows: Iterable[dict[str, Any]]) -> None:
+        for row in rows:
+            self._handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+            self.done[row["id"]] = row
+        self._handle.flush()
+        os.fsync(self._handle.fileno())
+
+    def finish(self, order: list[str]) -> None:
+        self._handle.close()
+        missing = [key for key in order if key not in self.done]
+        if missing:
+            raise RuntimeError(f"{self.out}: {len(missing)} rows have no prediction (first: {missing[0]}); left as .partial")
+        from ktflow.atomic import write_jsonl
+
+        write_jsonl(self.out, [self.done[key] for key in order])
+        self.partial.unlink()

@@ -1,0 +1,77 @@
+"""In-process generation with transformers (+ PEFT for an adapter): batched, length-sorted, left-padded."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from ktflow.infer.base import InferenceBackend, Request, Sampling
+
+DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
+
+
+class HFInference(InferenceBackend):
+    name = "hf"
+
+    def __init__(
+        self,
+        model_dir: Path,
+        sampling: Sampling,
+        adapter_dir: Path | None = None,
+        dtype: str = "float32",
+        trust_remote_code: bool = False,
+    ) -> None:
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.torch = torch
+        self.sampling = sampling
+        self.tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+        self.tokenizer.padding_side = "left"
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        model = AutoModelForCausalLM.from_pretrained(
+            model_dir, dtype=getattr(torch, DTYPES[dtype]), trust_remote_code=trust_remote_code, use_safetensors=True
+        )
+        if adapter_dir is not None:
+            from peft import PeftModel
+
+            model = PeftModel.from_pretrained(model, adapter_dir)
+        self.model: Any = model.to(device).eval()
+        self.device = device
+        self.generated_tokens = 0
+
+    def _encode(self, request: Request) -> list[int]:
+        ids = self.tokenizer.apply_chat_template(request.messages, add_generation_prompt=True, tokenize=True)
+        return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+
+    def generate(self, requests: list[Request]) -> Iterator[tuple[Request, str]]:
+        torch = self.torch
+        encoded = [(request, self._encode(request)) for request in requests]
+        # Similar lengths share a batch, so little compute goes to padding.
+        encoded.sort(key=lambda pair: len(pair[1]))
+        size = self.sampling.batch_size
+        for start in range(0, len(encoded), size):
+            batch = encoded[start : start + size]
+            padded = self.tokenizer.pad({"input_ids": [ids for _, ids in batch]}, return_tensors="pt")
+            torch.manual_seed(self.sampling.seed + start)
+            with torch.inference_mode():
+                output = self.model.generate(
+                    input_ids=padded["input_ids"].to(self.device),
+                    attention_mask=padded["attention_mask"].to(self.device),
+                    max_new_tokens=self.sampling.max_new_tokens,
+                    do_sample=self.sampling.do_sample,
+                    temperature=self.sampling.temperature if self.sampling.do_sample else None,
+                    top_p=self.sampling.top_p if self.sampling.do_sample else None,
+                    pad_token_id=self.tokenizer.pad_token_id,
+                    eos_token_id=self.tokenizer.eos_token_id,
+                )
+            new_tokens = output[:, padded["input_ids"].shape[1] :]
+            self.generated_tokens += int((new_tokens != self.tokenizer.pad_token_id).sum())
+            for (request, _), tokens in zip(batch, new_tokens, strict=True):
+                yield request, self.tokenizer.decode(tokens, skip_special_tokens=True).strip()
+
+    def close(self) -> None:
+        del self.model

@@ -1,0 +1,142 @@
+"""Two seeded toy tasks that mirror the paper's: a style rewrite and a multiple-choice quiz.
+
+- ``style`` (generation, scored with BLEU/ROUGE): plain English sentences rewritten
+  in a stilted "translational" register, like the Translational-Style data set.
+- ``choice`` (multiple choice, scored by accuracy): "which word names a <category>?"
+  with five options A-E and the answer letter, like AfriMed-QA's MCQ split.
+
+Both are built from fixed word lists with a seeded RNG, so every run makes the
+same files; train and test splits are disjoint by construction.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import random
+from pathlib import Path
+from typing import Any
+
+from ktflow.atomic import write_json
+
+SUBJECTS = {
+    "the old farmer": "the aged farmer",
+    "my sister": "my honoured sister",
+    "a young doctor": "a youthful physician",
+    "the teacher": "the esteemed teacher",
+    "our neighbour": "our good neighbour",
+    "the little boy": "the small child",
+    "a tired soldier": "a weary soldier",
+    "the quiet student": "the silent scholar",
+}
+VERBS = {
+    "found": "did discover",
+    "carried": "did bear",
+    "painted": "did adorn",
+    "sold": "did trade away",
+    "lost": "did misplace",
+    "cleaned": "did purify",
+    "opened": "did unseal",
+    "borrowed": "did take on loan",
+}
+OBJECTS = ["a red box", "the wooden door", "an old map", "the broken clock", "a small boat", "the silver key"]
+PLACES = ["in the market", "near the river", "at the station", "behind the house", "on the hill"]
+TIMES = {
+    "yesterday": "upon the previous day",
+    "last night": "during the night that has passed",
+    "this morning": "in the early hours of this day",
+    "on sunday": "upon the day of sunday",
+}
+STYLE_INSTRUCTION = "Rewrite the sentence in translational style."
+
+CATEGORIES = {
+    "animal": ["cat", "horse", "rabbit", "tiger", "sheep", "eagle", "whale", "mouse"],
+    "colour": ["red", "green", "purple", "yellow", "orange", "brown", "white", "blue"],
+    "fruit": ["apple", "banana", "cherry", "mango", "pear", "lemon", "grape", "peach"],
+    "tool": ["hammer", "saw", "wrench", "drill", "shovel", "chisel", "ladder", "needle"],
+    "number": ["seven", "twelve", "three", "forty", "nine", "eighty", "five", "sixty"],
+}
+LETTERS = "ABCDE"
+CHOICE_INSTRUCTION = "Answer the multiple-choice question with the letter of the correct option."
+
+
+def style_example(subject: str, verb: str, obj: str, place: str, time: str) -> dict[str, str]:
+    plain = f"{subject} {verb} {obj} {place} {time}."
+    styled = f"It was {TIMES[time]} that {SUBJECTS[subject]} {VERBS[verb]} {obj} {place}, so it is told."
+    return {"instruction": STYLE_INSTRUCTION, "input": plain, "output": styled[0].upper() + styled[1:]}
+
+
+def style_task(seed: int, n_train: int, n_test: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    combos = list(itertools.product(SUBJECTS, VERBS, OBJECTS, PLACES, TIMES))
+    rng = random.Random(seed)
+    rng.shuffle(combos)
+    if n_train + n_test > len(combos):
+        raise ValueError(f"style task has {len(combos)} distinct sentences, asked for {n_train + n_test}")
+    rows = [style_example(*combo) for combo in combos[: n_train + n_test]]
+    return _split(rows, n_train, "style")
+
+
+def choice_example(rng: random.Random) -> dict[str, str]:
+    categories = list(CATEGORIES)
+    rng.shuffle(categories)
+    target = categories[0]
+    options = [(cat, rng.choice(CATEGORIES[cat])) for cat in categories]
+    rng.shuffle(options)
+    answer = next(i for i, (cat, _) in enumerate(options) if cat == target)
+    lines = [f"Which word names a {target}?"] + [f"{LETTERS[i]}. {word}" for i, (_, word) in enumerate(options)]
+    return {"instruction": CHOICE_INSTRUCTION, "input": "\n".join(lines), "output": LETTERS[answer]}
+
+
+def choice_task(seed: int, n_train: int, n_test: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    rng = random.Random(seed + 1)
+    rows: list[dict[str, Any]] = []
+    seen: set[str] = set()
+    while len(rows) < n_train + n_test:
+        row = choice_example(rng)
+        if row["input"] not in seen:  # disjoint splits: no question appears twice
+            seen.add(row["input"])
+            rows.append(row)
+    return _split(rows, n_train, "choice")
+
+
+def _split(rows: list[dict[str, Any]], n_train: int, prefix: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    for index, row in enumerate(rows):
+        row["id"] = f"{prefix}-{index:05d}"
+    return rows[:n_train], rows[n_train:]
+
+
+TASKS = {"style": ("generation", style_task), "choice": ("mcq", choice_task)}
+
+
+def corpus(seed: int = 0) -> list[str]:
+    """Every text the tiny tasks can contain, for training the tiny tokenizer."""
+    train, test = style_task(seed, len(SUBJECTS) * len(VERBS) * len(OBJECTS) * len(PLACES) * len(TIMES), 0)
+    texts = [STYLE_INSTRUCTION, CHOICE_INSTRUCTION]
+    texts += [f"{row['input']}\n{row['output']}" for row in train + test]
+    rng = random.Random(seed)
+    texts += [choice_example(rng)["input"] for _ in range(500)]
+    return texts
+
+
+def write_task(name: str, out_dir: Path, seed: int, n_train: int, n_test: int) -> None:
+    _, builder = TASKS[name]
+    train, test = builder(seed, n_train, n_test)
+    write_json(out_dir / "train.json", train)
+    write_json(out_dir / "test.json", test)
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("task", choices=sorted(TASKS))
+    parser.add_argument("out_dir", type=Path)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--n-train", type=int, default=400)
+    parser.add_argument("--n-test", type=int, default=60)
+
+
+def main(args: argparse.Namespace) -> int:
+    from ktflow.provenance import recorded
+
+    subset = {"task": args.task, "seed": args.seed, "n_train": args.n_train, "n_test": args.n_test}
+    with recorded(args.out_dir / "provenance.json", "tiny-tasks", subset, []):
+        write_task(args.task, args.out_dir, args.seed, args.n_train, args.n_test)
+    return 0

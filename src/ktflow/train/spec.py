@@ -1,0 +1,93 @@
+"""The training settings ktflow models, and how they map onto LLaMA-Factory keys."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+STAGE_FORMATS = {"sft": ("alpaca", "sharegpt"), "dpo": ("pairwise",), "kto": ("kto",)}
+
+
+@dataclass(frozen=True)
+class TrainSpec:
+    """Everything one training run depends on; built from the config's ``training`` block."""
+
+    model_dir: Path
+    dataset_dir: Path
+    dataset: str
+    output_dir: Path
+    stage: str = "sft"
+    backend: str = "hf"
+    template: str | None = None
+    lora_rank: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.0
+    lora_target: str = "all"
+    learning_rate: float = 1e-4
+    epochs: float = 3.0
+    batch_size: int = 1
+    gradient_accumulation_steps: int = 8
+    cutoff_len: int = 2048
+    lr_scheduler: str = "cosine"
+    warmup_ratio: float = 0.1
+    bf16: bool = False
+    seed: int = 42
+    logging_steps: int = 10
+    save_steps: int = 50
+    max_samples: int | None = None
+    pref_beta: float = 0.1
+    trust_remote_code: bool = False
+    kt: dict[str, Any] = field(default_factory=dict)
+    llamafactory_args: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_config(cls, training: dict[str, Any], **paths: Any) -> TrainSpec:
+        lora = training.get("lora", {})
+        flat = {key: value for key, value in training.items() if key not in ("lora", "formats")}
+        flat.update({f"lora_{key}": value for key, value in lora.items()})
+        return cls(**paths, **flat)
+
+    def llamafactory_yaml(self) -> dict[str, Any]:
+        """The backend-independent part of the LLaMA-Factory training YAML."""
+        args: dict[str, Any] = {
+            "model_name_or_path": str(self.model_dir),
+            "trust_remote_code": self.trust_remote_code,
+            "stage": self.stage,
+            "do_train": True,
+            "finetuning_type": "lora",
+            "lora_rank": self.lora_rank,
+            "lora_alpha": self.lora_alpha,
+            "lora_dropout": self.lora_dropout,
+            "lora_target": self.lora_target,
+            "dataset": self.dataset,
+            "dataset_dir": str(self.dataset_dir),
+            "cutoff_len": self.cutoff_len,
+            "overwrite_cache": True,
+            "preprocessing_num_workers": 1,
+            "dataloader_num_workers": 0,
+            "output_dir": str(self.output_dir),
+            "logging_steps": self.logging_steps,
+            "save_strategy": "steps",
+            "save_steps": self.save_steps,
+            "save_total_limit": 2,
+            "plot_loss": True,
+            "per_device_train_batch_size": self.batch_size,
+            "gradient_accumulation_steps": self.gradient_accumulation_steps,
+            "learning_rate": self.learning_rate,
+            "num_train_epochs": self.epochs,
+            "lr_scheduler_type": self.lr_scheduler,
+            "warmup_ratio": self.warmup_ratio,
+            "bf16": self.bf16,
+            "seed": self.seed,
+            "data_seed": self.seed,
+            "report_to": "none",
+            "include_num_input_tokens_seen": True,
+        }
+        if self.template:
+            args["template"] = self.template
+        if self.max_samples:
+            args["max_samples"] = self.max_samples
+        if self.stage in ("dpo", "kto"):
+            args["pref_beta"] = self.pref_beta
+        return args

@@ -1,0 +1,155 @@
+import json
+import sys
+from pathlib import Path
+
+from ktflow.config import (
+    as_json,
+    check_config,
+    effective_inference,
+    effective_training,
+)
+from ktflow.errors import KtflowInputError
+
+try:
+    check_config(config, workflow.configfiles[-1] if workflow.configfiles else "config")
+except KtflowInputError as error:
+    sys.exit(f"ktflow: invalid config: {error.format()}")
+
+RESULTS = config.get("results", "results")
+MODELS = config["experiments"]["models"]
+TASKS = config["experiments"]["tasks"]
+VARIANTS = ["base", "lora"]
+THREADS = config.get("resources", {}).get("threads", 2)
+
+
+wildcard_constraints:
+    model="|".join(MODELS),
+    task="|".join(TASKS),
+    variant="base|lora",
+
+
+def R(path):
+    return f"{RESULTS}/{path}"
+
+
+def model_config(model):
+    return config["models"][model]
+
+
+def task_config(task):
+    return config["tasks"][task]
+
+
+# ---- input functions -------------------------------------------------------
+
+
+def release_source(wildcards):
+    """A tiny model is first built, then fetched like any local release."""
+    if model_config(wildcards.model)["source"] == "tiny":
+        return R(f"tiny/{wildcards.model}")
+    return []
+
+
+def fetch_params(wildcards):
+    spec = model_config(wildcards.model)
+    keys = ("source", "path", "repo_id", "revision", "allow_patterns")
+    return as_json({key: spec[key] for key in keys if key in spec})
+
+
+def task_files(wildcards):
+    spec = task_config(wildcards.task)
+    if spec["source"] == "file":
+        return {"train": spec["train_file"], "test": spec["test_file"]}
+    return {"train": R(f"data/{wildcards.task}/train.json"), "test": R(f"data/{wildcards.task}/test.json")}
+
+
+def adapter_for(wildcards):
+    if wildcards.variant == "lora":
+        return R(f"lora/{wildcards.model}/{wildcards.task}/adapter")
+    return []
+
+
+def adapter_flag(wildcards, input):
+    return f"--adapter {input.adapter}" if wildcards.variant == "lora" else ""
+
+
+def metric_entries(wildcards, input):
+    entries = []
+    for model in MODELS:
+        for task in TASKS:
+            for variant in VARIANTS:
+                path = R(f"metrics/{model}/{task}/{variant}.json")
+                entries.append(f"{model}:{task}:{variant}={path}")
+    return " ".join(entries)
+
+
+def tables_spec():
+    return as_json(
+        {
+            "models": {m: model_config(m).get("display_name", m) for m in MODELS},
+            "tasks": {t: task_config(t)["kind"] for t in TASKS},
+            "paper": config.get("tables", {}).get("paper", {}),
+        }
+    )
+
+
+def all_targets():
+    targets = [R("tables/generation.csv"), R("tables/accuracy.csv")]
+    for model in MODELS:
+        for task in TASKS:
+            targets.append(R(f"lora/{model}/{task}/sglang"))
+        if model_config(model).get("cpu_int8", False):
+            targets.append(R(f"models/{model}/int8"))
+    return targets
+
+
+def fetch_args(wildcards, input):
+    spec = model_config(wildcards.model)
+    if spec["source"] == "tiny":
+        return f"--source local --path {input[0]}"
+    if spec["source"] == "local":
+        return f"--source local --path {spec['path']}"
+    args = f"--source hf --repo-id {spec['repo_id']}"
+    if "revision" in spec:
+        args += f" --revision {spec['revision']}"
+    if "allow_patterns" in spec:
+        args += " --allow-patterns " + " ".join(f"'{p}'" for p in spec["allow_patterns"])
+    return args
+
+
+# ---- resources (cluster profiles read these; retries scale with attempt) ----
+
+
+def model_size_gb(model):
+    spec = model_config(model)
+    return 0.01 if spec["source"] == "tiny" else float(spec.get("size_gb", 100))
+
+
+def runtime_minutes(model, full_scale_minutes, attempt):
+    """Minutes for a step that takes ``full_scale_minutes`` on a ~700 GB model."""
+    scale = max(model_size_gb(model) / 700, 0.02)
+    return int(max(10, full_scale_minutes * scale) * attempt)
+
+
+def cast_memory_mb(model, attempt):
+    # Streaming cast: one shard (<= ~5 GB in DeepSeek releases) plus a margin per worker.
+    shard_mb = 200 if model_size_gb(model) < 1 else 6000
+    workers = model_config(model).get("cast", {}).get("workers", 1)
+    return (2000 + shard_mb * workers) * attempt
+
+
+def train_memory_mb(model, attempt):
+    # KT keeps routed experts in host RAM (BF16), so host memory scales with the model.
+    return int(max(6000, model_size_gb(model) * 1024 * 1.15) * attempt)
+
+
+def serve_memory_mb(model, attempt):
+    return int(max(4000, model_size_gb(model) * 1024 * 1.1) * attempt)
+
+
+def train_gpus(task):
+    return config.get("resources", {}).get("gpus_train", 0)
+
+
+def infer_gpus(model, task):
+    return config.get("resources", {}).get("gpus_infer", 0)

@@ -1,0 +1,49 @@
+rule evaluate:
+    input:
+        R("predictions/{model}/{task}/{variant}.jsonl"),
+    output:
+        metrics=R("metrics/{model}/{task}/{variant}.json"),
+        samples=R("metrics/{model}/{task}/{variant}.samples.jsonl"),
+    log:
+        R("logs/evaluate/{model}/{task}/{variant}.log"),
+    benchmark:
+        R("benchmarks/evaluate/{model}/{task}/{variant}.tsv")
+    params:
+        kind=lambda w: task_config(w.task)["kind"],
+        flavour=config.get("evaluation", {}).get("flavour", "paper"),
+        workers=config.get("evaluation", {}).get("workers", 1),
+    threads: config.get("evaluation", {}).get("workers", 1)
+    resources:
+        mem_mb=2000,
+        runtime=30,
+    shell:
+        "ktflow evaluate {input} --task {params.kind} -o {output.metrics}"
+        " --per-sample {output.samples} --flavour {params.flavour}"
+        " --workers {params.workers} > {log} 2>&1"
+
+
+rule tables:
+    input:
+        expand(
+            R("metrics/{model}/{task}/{variant}.json"),
+            model=MODELS,
+            task=TASKS,
+            variant=VARIANTS,
+        ),
+    output:
+        generation=R("tables/generation.csv"),
+        accuracy=R("tables/accuracy.csv"),
+    log:
+        R("logs/tables/tables.log"),
+    benchmark:
+        R("benchmarks/tables/tables.tsv")
+    params:
+        spec=tables_spec(),
+        entries=metric_entries,
+        outdir=R("tables"),
+    resources:
+        mem_mb=1000,
+        runtime=5,
+    shell:
+        "ktflow tables --out-dir {params.outdir} --spec {params.spec:q}"
+        " {params.entries} > {log} 2>&1"
