@@ -1,7 +1,6 @@
 # ktflow: KTransformers x LLaMA-Factory LoRA fine-tuning as one reproducible DAG.
 from snakemake.utils import min_version, validate
 
-
 min_version("9.27")
 
 
@@ -20,6 +19,6 @@ include: "workflow/rules/evaluate.smk"
 
 
 rule all:
+    default_target: True
     input:
         all_targets(),
-    default_target: True

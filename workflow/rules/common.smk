@@ -60,7 +60,10 @@ def task_files(wildcards):
     spec = task_config(wildcards.task)
     if spec["source"] == "file":
         return {"train": spec["train_file"], "test": spec["test_file"]}
-    return {"train": R(f"data/{wildcards.task}/train.json"), "test": R(f"data/{wildcards.task}/test.json")}
+    return {
+        "train": R(f"data/{wildcards.task}/train.json"),
+        "test": R(f"data/{wildcards.task}/test.json"),
+    }
 
 
 def adapter_for(wildcards):
@@ -113,7 +116,9 @@ def fetch_args(wildcards, input):
     if "revision" in spec:
         args += f" --revision {spec['revision']}"
     if "allow_patterns" in spec:
-        args += " --allow-patterns " + " ".join(f"'{p}'" for p in spec["allow_patterns"])
+        args += " --allow-patterns " + " ".join(
+            f"'{p}'" for p in spec["allow_patterns"]
+        )
     return args
 
 
@@ -153,3 +158,10 @@ def train_gpus(task):
 
 def infer_gpus(model, task):
     return config.get("resources", {}).get("gpus_infer", 0)
+
+
+def train_env(wildcards):
+    """The KT backend and upstream transformers cannot share an environment."""
+    backend = effective_training(config, wildcards.task).get("backend", "hf")
+    name = "kt" if backend in ("kt", "kt-legacy") else "ktflow"
+    return str(Path(workflow.basedir) / "envs" / f"{name}.yaml")

@@ -8,14 +8,16 @@ rule evaluate:
         R("logs/evaluate/{model}/{task}/{variant}.log"),
     benchmark:
         R("benchmarks/evaluate/{model}/{task}/{variant}.tsv")
-    params:
-        kind=lambda w: task_config(w.task)["kind"],
-        flavour=config.get("evaluation", {}).get("flavour", "paper"),
-        workers=config.get("evaluation", {}).get("workers", 1),
+    conda:
+        "../../envs/ktflow.yaml"
     threads: config.get("evaluation", {}).get("workers", 1)
     resources:
         mem_mb=2000,
         runtime=30,
+    params:
+        kind=lambda w: task_config(w.task)["kind"],
+        flavour=config.get("evaluation", {}).get("flavour", "paper"),
+        workers=config.get("evaluation", {}).get("workers", 1),
     shell:
         "ktflow evaluate {input} --task {params.kind} -o {output.metrics}"
         " --per-sample {output.samples} --flavour {params.flavour}"
@@ -37,13 +39,15 @@ rule tables:
         R("logs/tables/tables.log"),
     benchmark:
         R("benchmarks/tables/tables.tsv")
-    params:
-        spec=tables_spec(),
-        entries=metric_entries,
-        outdir=R("tables"),
+    conda:
+        "../../envs/ktflow.yaml"
     resources:
         mem_mb=1000,
         runtime=5,
+    params:
+        spec=tables_spec(),
+        entries=metric_entries,
+        outdir=lambda w, output: str(Path(output.generation).parent),
     shell:
         "ktflow tables --out-dir {params.outdir} --spec {params.spec:q}"
         " {params.entries} > {log} 2>&1"

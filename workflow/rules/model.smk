@@ -5,14 +5,15 @@ rule tiny_model:
         R("logs/tiny_model/{model}.log"),
     benchmark:
         R("benchmarks/tiny_model/{model}.tsv")
-    params:
-        tiny=lambda w: as_json(model_config(w.model).get("tiny", {})),
-        seed=lambda w: model_config(w.model).get("tiny", {}).get("seed", 0),
-        vocab=lambda w: model_config(w.model).get("tiny", {}).get("vocab_size", 1024),
-        shards=lambda w: model_config(w.model).get("tiny", {}).get("shards", 4),
+    conda:
+        "../../envs/ktflow.yaml"
     resources:
         mem_mb=2000,
         runtime=10,
+    params:
+        seed=lambda w: model_config(w.model).get("tiny", {}).get("seed", 0),
+        vocab=lambda w: model_config(w.model).get("tiny", {}).get("vocab_size", 1024),
+        shards=lambda w: model_config(w.model).get("tiny", {}).get("shards", 4),
     shell:
         "ktflow tiny-model {output} --seed {params.seed} --vocab-size {params.vocab}"
         " --shards {params.shards} > {log} 2>&1"
@@ -27,12 +28,14 @@ rule fetch:
         R("logs/fetch/{model}.log"),
     benchmark:
         R("benchmarks/fetch/{model}.tsv")
-    params:
-        spec=fetch_params,
-        args=fetch_args,
+    conda:
+        "../../envs/ktflow.yaml"
     resources:
         mem_mb=2000,
         runtime=lambda w, attempt: runtime_minutes(w.model, 60, attempt),
+    params:
+        spec=fetch_params,
+        args=fetch_args,
     shell:
         "ktflow fetch {output} {params.args} > {log} 2>&1"
 
@@ -46,12 +49,14 @@ rule cast_bf16:
         R("logs/cast_bf16/{model}.log"),
     benchmark:
         R("benchmarks/cast_bf16/{model}.tsv")
-    params:
-        workers=lambda w: model_config(w.model).get("cast", {}).get("workers", 1),
+    conda:
+        "../../envs/ktflow.yaml"
     threads: lambda w: model_config(w.model).get("cast", {}).get("workers", 1)
     resources:
         mem_mb=lambda w, attempt: cast_memory_mb(w.model, attempt),
         runtime=lambda w, attempt: runtime_minutes(w.model, 240, attempt),
+    params:
+        workers=lambda w: model_config(w.model).get("cast", {}).get("workers", 1),
     shell:
         "ktflow cast {input} {output} --workers {params.workers} > {log} 2>&1"
 
@@ -65,15 +70,17 @@ rule convert_cpu_int8:
         R("logs/convert_cpu_int8/{model}.log"),
     benchmark:
         R("benchmarks/convert_cpu_int8/{model}.tsv")
+    conda:
+        "../../envs/kt.yaml"
+    threads: THREADS
+    resources:
+        mem_mb=lambda w, attempt: cast_memory_mb(w.model, attempt),
+        runtime=lambda w, attempt: runtime_minutes(w.model, 240, attempt),
     params:
         checkout=lambda w: (
             f"--kt-checkout {model_config(w.model)['kt_checkout']}"
             if "kt_checkout" in model_config(w.model)
             else ""
         ),
-    threads: THREADS
-    resources:
-        mem_mb=lambda w, attempt: cast_memory_mb(w.model, attempt),
-        runtime=lambda w, attempt: runtime_minutes(w.model, 240, attempt),
     shell:
         "ktflow convert-int8 {input} {output} {params.checkout} --threads {threads} > {log} 2>&1"

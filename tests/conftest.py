@@ -1,0 +1,68 @@
+"""Shared fixtures: the tiny release and its BF16 cast are built once per session."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def ktflow_env(**extra: str) -> dict[str, str]:
+    """Environment for subprocesses: this interpreter's bin first, ktflow importable."""
+    env = dict(os.environ)
+    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO / "src"), env.get("PYTHONPATH")]))
+    env.update(extra)
+    return env
+
+
+def run_ktflow(*args: str, check: bool = True, **env: str) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run(
+        [sys.executable, "-m", "ktflow", *args], capture_output=True, text=True, env=ktflow_env(**env), check=False
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(f"ktflow {' '.join(args)} failed ({result.returncode}):\n{result.stderr[-4000:]}")
+    return result
+
+
+@pytest.fixture(scope="session")
+def tiny_release(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from ktflow.tiny.model import build_release
+
+    out = tmp_path_factory.mktemp("tiny") / "release"
+    build_release(out, seed=0, vocab_size=1024, n_shards=4)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_bf16(tiny_release: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from ktflow.cast import cast_checkpoint
+
+    out = tmp_path_factory.mktemp("tiny") / "bf16"
+    cast_checkpoint(tiny_release, out, workers=1, progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_tasks(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from ktflow.tiny.tasks import write_task
+
+    root = tmp_path_factory.mktemp("tasks")
+    write_task("style", root / "style", seed=42, n_train=64, n_test=12)
+    write_task("choice", root / "choice", seed=42, n_train=64, n_test=12)
+    return root
+
+
+@pytest.fixture
+def workdir(tmp_path: Path) -> Iterator[Path]:
+    """A working directory with a copy of the default config, for real Snakemake runs."""
+    shutil.copy(REPO / "config" / "config.yaml", tmp_path / "config.yaml")
+    yield tmp_path
