@@ -6,7 +6,6 @@ import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -26,10 +25,16 @@ def ktflow_env(**extra: str) -> dict[str, str]:
 
 def run_ktflow(*args: str, check: bool = True, **env: str) -> subprocess.CompletedProcess[str]:
     result = subprocess.run(
-        [sys.executable, "-m", "ktflow", *args], capture_output=True, text=True, env=ktflow_env(**env), check=False
+        [sys.executable, "-m", "ktflow", *args],
+        capture_output=True,
+        text=True,
+        env=ktflow_env(**env),
+        check=False,
     )
     if check and result.returncode != 0:
-        raise AssertionError(f"ktflow {' '.join(args)} failed ({result.returncode}):\n{result.stderr[-4000:]}")
+        raise AssertionError(
+            f"ktflow {' '.join(args)} failed ({result.returncode}):\n{result.stderr[-4000:]}"
+        )
     return result
 
 
@@ -62,7 +67,7 @@ def tiny_tasks(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture
-def workdir(tmp_path: Path) -> Iterator[Path]:
+def workdir(tmp_path: Path) -> Path:
     """A working directory with a copy of the default config, for real Snakemake runs."""
     shutil.copy(REPO / "config" / "config.yaml", tmp_path / "config.yaml")
-    yield tmp_path
+    return tmp_path

@@ -59,7 +59,8 @@ def test_hf_backend_generates_deterministically_in_batches(tiny_bf16: Path) -> N
     from ktflow.infer.hf import HFInference
 
     requests = [
-        Request(id=str(i), messages=[{"role": "user", "content": "word " * (i + 1)}], label="") for i in range(5)
+        Request(id=str(i), messages=[{"role": "user", "content": "word " * (i + 1)}], label="")
+        for i in range(5)
     ]
     first = HFInference(tiny_bf16, Sampling(max_new_tokens=6, batch_size=2))
     one = dict((r.id, text) for r, text in first.generate(requests))

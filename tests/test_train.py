@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import run_ktflow
+
 from ktflow.errors import KtflowInputError
 from ktflow.train.backends import backend_for
 from ktflow.train.datasets import check_rows, load_rows
@@ -36,7 +36,9 @@ def spec_for(tmp: Path, **overrides: object) -> TrainSpec:
 
 
 def test_hf_render_maps_config_and_passes_unknown_keys_through(tmp_path: Path) -> None:
-    rendered = backend_for("hf").render(spec_for(tmp_path, llamafactory_args={"neftune_noise_alpha": 5, "seed": 7}))
+    rendered = backend_for("hf").render(
+        spec_for(tmp_path, llamafactory_args={"neftune_noise_alpha": 5, "seed": 7})
+    )
     assert rendered["lora_rank"] == 8 and rendered["lora_alpha"] == 16
     assert rendered["stage"] == "sft" and rendered["finetuning_type"] == "lora"
     assert rendered["neftune_noise_alpha"] == 5
@@ -59,7 +61,7 @@ def test_hf_yaml_parses_with_llamafactory_on_this_host(tmp_path: Path) -> None:
     from llamafactory.hparams.parser import _parse_train_args
 
     llamafactory_train_keys()
-    model_args, data_args, training_args, finetuning_args, _ = _parse_train_args(
+    _, _, training_args, finetuning_args, _ = _parse_train_args(
         backend_for("hf").render(spec_for(tmp_path))
     )
     assert finetuning_args.lora_rank == 8 and training_args.use_cpu
@@ -99,7 +101,9 @@ def test_load_rows_rejects_invalid_utf8_and_empty(tmp_path: Path) -> None:
         load_rows(empty)
 
 
-def test_stage_format_mismatch_fails_before_training(tiny_bf16: Path, tiny_tasks: Path, tmp_path: Path) -> None:
+def test_stage_format_mismatch_fails_before_training(
+    tiny_bf16: Path, tiny_tasks: Path, tmp_path: Path
+) -> None:
     result = run_ktflow(
         "train", str(tiny_bf16), str(tiny_tasks / "style" / "train.json"), str(tmp_path / "out"),
         "--work-dir", str(tmp_path / "work"), "--spec", json.dumps({**SPEC, "stage": "dpo"}), check=False,
@@ -110,13 +114,20 @@ def test_stage_format_mismatch_fails_before_training(tiny_bf16: Path, tiny_tasks
 
 
 @pytest.mark.slow
-def test_real_sft_run_publishes_adapter_and_metrics(tiny_bf16: Path, tiny_tasks: Path, tmp_path: Path) -> None:
+def test_real_sft_run_publishes_adapter_and_metrics(
+    tiny_bf16: Path, tiny_tasks: Path, tmp_path: Path
+) -> None:
     out = tmp_path / "adapter"
     run_ktflow(
         "train", str(tiny_bf16), str(tiny_tasks / "style" / "train.json"), str(out),
         "--work-dir", str(tmp_path / "work"), "--dataset-name", "style", "--spec", json.dumps(SPEC),
     )  # fmt: skip
-    for name in ("adapter_model.safetensors", "adapter_config.json", "trainer_log.jsonl", "training_loss.png"):
+    for name in (
+        "adapter_model.safetensors",
+        "adapter_config.json",
+        "trainer_log.jsonl",
+        "training_loss.png",
+    ):
         assert (out / name).is_file(), name
     metrics = json.loads((out / "train_metrics.json").read_text())
     assert metrics["steps"] == 16 and metrics["tokens_per_s"] > 0 and metrics["peak_host_rss_mb"] > 100

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-
 from conftest import BIN, REPO, ktflow_env
 
 RULES = ("fetch", "cast_bf16", "train_lora", "convert_lora_sglang", "infer", "evaluate", "tables")
@@ -22,9 +21,13 @@ def snakemake(workdir: Path, *args: str, check: bool = True) -> subprocess.Compl
         str(BIN / "snakemake"), "-s", str(REPO / "Snakefile"), "--configfile", str(workdir / "config.yaml"),
         "--cores", "2", *args,
     ]  # fmt: skip
-    result = subprocess.run(command, cwd=workdir, capture_output=True, text=True, env=ktflow_env(), check=False)
+    result = subprocess.run(
+        command, cwd=workdir, capture_output=True, text=True, env=ktflow_env(), check=False
+    )
     if check and result.returncode != 0:
-        raise AssertionError(f"snakemake {' '.join(args)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}")
+        raise AssertionError(
+            f"snakemake {' '.join(args)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
+        )
     return result
 
 
@@ -81,7 +84,10 @@ def test_lint_and_format_are_clean(workdir: Path) -> None:
     lint = snakemake(workdir, "--lint", check=False)
     assert lint.returncode == 0, lint.stdout + lint.stderr
     fmt = subprocess.run(
-        [str(BIN / "snakefmt"), "--check", "Snakefile", "workflow/rules"], cwd=REPO, capture_output=True, text=True
+        [str(BIN / "snakefmt"), "--check", "Snakefile", "workflow/rules"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
     )
     assert fmt.returncode == 0, fmt.stdout + fmt.stderr
 
@@ -96,6 +102,18 @@ def test_bad_config_names_the_key(workdir: Path) -> None:
 
 
 def test_cli_help_lists_every_step() -> None:
-    out = subprocess.run([sys.executable, "-m", "ktflow", "--help"], capture_output=True, text=True, env=ktflow_env())
-    for step in ("tiny-model", "fetch", "cast", "train", "convert-lora", "convert-int8", "infer", "evaluate", "tables"):
+    out = subprocess.run(
+        [sys.executable, "-m", "ktflow", "--help"], capture_output=True, text=True, env=ktflow_env()
+    )
+    for step in (
+        "tiny-model",
+        "fetch",
+        "cast",
+        "train",
+        "convert-lora",
+        "convert-int8",
+        "infer",
+        "evaluate",
+        "tables",
+    ):
         assert step in out.stdout

@@ -17,7 +17,10 @@ from ktflow.errors import HardwareError, KtflowInputError
 
 # command -> (module defining configure(parser) and main(args), one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "tiny-model": ("ktflow.tiny.model", "build the tiny DeepSeek-V3-layout FP8 'release' used by the default"),
+    "tiny-model": (
+        "ktflow.tiny.model",
+        "build the tiny DeepSeek-V3-layout FP8 'release' used by the default",
+    ),
     "tiny-tasks": ("ktflow.tiny.tasks", "generate the seeded style-rewrite and multiple-choice tasks"),
     "fetch": ("ktflow.fetch", "get a model snapshot from a local directory or the Hugging Face hub"),
     "cast": ("ktflow.cast.cli", "cast an FP8 / INT4 checkpoint to BF16 (streaming, resumable, verified)"),
@@ -26,7 +29,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "convert-int8": ("ktflow.int8", "convert BF16 routed experts to KT's CPU INT8 layout (AMX hosts)"),
     "infer": ("ktflow.infer.cli", "batch inference for the base model or base + adapter"),
     "evaluate": ("ktflow.metrics", "score predictions: BLEU-1..4 / ROUGE-1/2/L or MCQ accuracy"),
+    "prepare-data": ("ktflow.datasets.cli", "raw data set (AfriMed-QA, NekoQA, ...) -> task files"),
     "tables": ("ktflow.tables", "collect metrics into tables in the paper's layout"),
+    "plots": ("ktflow.plots", "training-loss curves and base-vs-LoRA metric bars (PNG)"),
     "doctor": ("ktflow.doctor", "preflight: CPU flags, GPUs, versions and memory estimates"),
 }
 

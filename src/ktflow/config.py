@@ -59,7 +59,9 @@ def as_json(data: Any) -> str:
 def _check_relative(value: str, key: str) -> None:
     path = PurePosixPath(value)
     if path.is_absolute() or ".." in path.parts:
-        raise KtflowInputError("config", key, f"{value!r} must be a relative path inside the working directory")
+        raise KtflowInputError(
+            "config", key, f"{value!r} must be a relative path inside the working directory"
+        )
 
 
 def check_config(config: dict[str, Any], config_path: str = "config") -> None:
@@ -68,7 +70,9 @@ def check_config(config: dict[str, Any], config_path: str = "config") -> None:
     experiments = config["experiments"]
     for model in experiments["models"]:
         if model not in config["models"]:
-            raise KtflowInputError(config_path, "experiments.models", f"{model!r} is not defined under models")
+            raise KtflowInputError(
+                config_path, "experiments.models", f"{model!r} is not defined under models"
+            )
     for task in experiments["tasks"]:
         if task not in config["tasks"]:
             raise KtflowInputError(config_path, "experiments.tasks", f"{task!r} is not defined under tasks")
@@ -84,7 +88,9 @@ def check_config(config: dict[str, Any], config_path: str = "config") -> None:
         spec = config["tasks"][task]
         for key in ("train_file", "test_file"):
             if spec.get("source") == "file" and not Path(spec[key]).is_file():
-                raise KtflowInputError(config_path, f"tasks.{task}.{key}", f"dataset file {spec[key]!r} not found")
+                raise KtflowInputError(
+                    config_path, f"tasks.{task}.{key}", f"dataset file {spec[key]!r} not found"
+                )
         if training.get("backend") in ("kt", "kt-legacy"):
             for model in experiments["models"]:
                 _check_kt_model(config, model, config_path)
@@ -100,5 +106,6 @@ def _check_kt_model(config: dict[str, Any], model: str, config_path: str) -> Non
                 raise KtflowInputError(
                     config_path,
                     f"models.{model}",
-                    f"the KT backend supports {', '.join(KT_ARCHITECTURES)}; {config_json} declares {architectures}",
+                    f"the KT backend supports {', '.join(KT_ARCHITECTURES)}; "
+                    f"{config_json} declares {architectures}",
                 )

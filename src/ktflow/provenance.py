@@ -11,7 +11,7 @@ import socket
 import sys
 import time
 from collections.abc import Iterator
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -23,9 +23,24 @@ PROVENANCE_NAME = "provenance.json"
 # fingerprint (size + head/tail hash) that is labelled as such.
 FULL_HASH_LIMIT = 64 << 20
 _PACKAGES = (
-    "torch", "transformers", "peft", "trl", "datasets", "accelerate", "llamafactory",
-    "safetensors", "tokenizers", "snakemake", "kt-kernel", "ktransformers", "sglang",
-    "nltk", "rouge-chinese", "jieba", "huggingface-hub", "numpy",
+    "torch",
+    "transformers",
+    "peft",
+    "trl",
+    "datasets",
+    "accelerate",
+    "llamafactory",
+    "safetensors",
+    "tokenizers",
+    "snakemake",
+    "kt-kernel",
+    "ktransformers",
+    "sglang",
+    "nltk",
+    "rouge-chinese",
+    "jieba",
+    "huggingface-hub",
+    "numpy",
 )
 
 
@@ -64,7 +79,7 @@ def input_identities(paths: list[str | Path]) -> dict[str, Any]:
 
 
 def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return datetime.now(UTC).isoformat(timespec="seconds")
 
 
 @contextlib.contextmanager

@@ -59,7 +59,9 @@ def requests_from_alpaca(path: Path, rows: list[dict[str, Any]], system: str | N
             raise KtflowInputError(path, f"row {index}.id", f"duplicate id {row['id']!r}")
         seen.add(row["id"])
         content = "\n".join(part for part in (row["instruction"], row.get("input") or "") if part)
-        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": content}]
+        messages = ([{"role": "system", "content": system}] if system else []) + [
+            {"role": "user", "content": content}
+        ]
         requests.append(Request(id=row["id"], messages=messages, label=row["output"]))
     return requests
 
@@ -100,7 +102,9 @@ class ResumableJsonl:
         self._handle.close()
         missing = [key for key in order if key not in self.done]
         if missing:
-            raise RuntimeError(f"{self.out}: {len(missing)} rows have no prediction (first: {missing[0]}); left as .partial")
+            raise RuntimeError(
+                f"{self.out}: {len(missing)} rows have no prediction (first: {missing[0]}); left as .partial"
+            )
         from ktflow.atomic import write_jsonl
 
         write_jsonl(self.out, [self.done[key] for key in order])

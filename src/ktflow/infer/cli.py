@@ -38,7 +38,9 @@ def run_inference(backend: InferenceBackend, requests: list[Request], out: Path)
     start = time.perf_counter()
     tokens_before = backend.generated_tokens
     for request, completion in backend.generate(todo):
-        sink.append([{"id": request.id, "prompt": request.prompt, "predict": completion, "label": request.label}])
+        sink.append(
+            [{"id": request.id, "prompt": request.prompt, "predict": completion, "label": request.label}]
+        )
     seconds = time.perf_counter() - start
     sink.finish([request.id for request in requests])
     tokens = backend.generated_tokens - tokens_before
@@ -55,7 +57,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model_dir", type=Path)
     parser.add_argument("test_file", type=Path, help="alpaca-format test rows with an id")
     parser.add_argument("out", type=Path, help="predictions JSONL")
-    parser.add_argument("--adapter", type=Path, default=None, help="LoRA adapter dir (omit for the base model)")
+    parser.add_argument(
+        "--adapter", type=Path, default=None, help="LoRA adapter dir (omit for the base model)"
+    )
     parser.add_argument("--spec", default="{}", help="JSON of the config's inference block")
 
 

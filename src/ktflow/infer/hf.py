@@ -27,13 +27,16 @@ class HFInference(InferenceBackend):
 
         self.torch = torch
         self.sampling = sampling
-        self.tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+        self.tokenizer: Any = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
         self.tokenizer.padding_side = "left"
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        model = AutoModelForCausalLM.from_pretrained(
-            model_dir, dtype=getattr(torch, DTYPES[dtype]), trust_remote_code=trust_remote_code, use_safetensors=True
+        model: Any = AutoModelForCausalLM.from_pretrained(
+            model_dir,
+            dtype=getattr(torch, DTYPES[dtype]),
+            trust_remote_code=trust_remote_code,
+            use_safetensors=True,
         )
         if adapter_dir is not None:
             from peft import PeftModel
@@ -44,8 +47,11 @@ class HFInference(InferenceBackend):
         self.generated_tokens = 0
 
     def _encode(self, request: Request) -> list[int]:
-        ids = self.tokenizer.apply_chat_template(request.messages, add_generation_prompt=True, tokenize=True)
-        return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+        encoded: Any = self.tokenizer.apply_chat_template(
+            request.messages, add_generation_prompt=True, tokenize=True
+        )
+        # transformers 5 returns a BatchEncoding here; 4.x returned the id list itself.
+        return list(encoded["input_ids"] if hasattr(encoded, "keys") else encoded)
 
     def generate(self, requests: list[Request]) -> Iterator[tuple[Request, str]]:
         torch = self.torch

@@ -78,7 +78,9 @@ def build_tokenizer(texts: list[str], vocab_size: int) -> Any:
     core.train_from_iterator(texts, trainer=trainer)
     bos_id = core.token_to_id(SPECIAL["bos"])
     core.post_processor = processors.TemplateProcessing(
-        single=f"{SPECIAL['bos']} $A", pair=f"{SPECIAL['bos']} $A $B", special_tokens=[(SPECIAL["bos"], bos_id)]
+        single=f"{SPECIAL['bos']} $A",
+        pair=f"{SPECIAL['bos']} $A $B",
+        special_tokens=[(SPECIAL["bos"], bos_id)],
     )
     return PreTrainedTokenizerFast(
         tokenizer_object=core,
@@ -104,7 +106,7 @@ def build_model(tokenizer: Any, seed: int) -> Any:
         **MODEL_DIMS,
     )
     torch.manual_seed(seed)
-    model = DeepseekV3ForCausalLM(config)
+    model: Any = DeepseekV3ForCausalLM(config)
     return model.to(torch.bfloat16).eval()
 
 
@@ -138,11 +140,16 @@ def write_sharded(tensors: dict[str, torch.Tensor], out_dir: Path, n_shards: int
     for index in range(n_shards):
         chunk = names[index * per_shard : (index + 1) * per_shard]
         file_name = f"model-{index + 1:05d}-of-{n_shards:05d}.safetensors"
-        save_file({name: tensors[name] for name in chunk}, str(out_dir / file_name), metadata={"format": "pt"})
+        save_file(
+            {name: tensors[name] for name in chunk}, str(out_dir / file_name), metadata={"format": "pt"}
+        )
         for name in chunk:
             weight_map[name] = file_name
             total += tensors[name].numel() * tensors[name].element_size()
-    write_json(out_dir / "model.safetensors.index.json", {"metadata": {"total_size": total}, "weight_map": weight_map})
+    write_json(
+        out_dir / "model.safetensors.index.json",
+        {"metadata": {"total_size": total}, "weight_map": weight_map},
+    )
 
 
 def build_release(out_dir: Path, seed: int, vocab_size: int, n_shards: int) -> None:

@@ -47,6 +47,9 @@ TIMES = {
     "this morning": "in the early hours of this day",
     "on sunday": "upon the day of sunday",
 }
+# The closing formula varies at random, so no model can score 100: like a real
+# style corpus, the reference is one of several acceptable renderings.
+ENDINGS = ["so it is told", "as the elders say", "thus it was recorded"]
 STYLE_INSTRUCTION = "Rewrite the sentence in translational style."
 
 CATEGORIES = {
@@ -60,9 +63,9 @@ LETTERS = "ABCDE"
 CHOICE_INSTRUCTION = "Answer the multiple-choice question with the letter of the correct option."
 
 
-def style_example(subject: str, verb: str, obj: str, place: str, time: str) -> dict[str, str]:
+def style_example(subject: str, verb: str, obj: str, place: str, time: str, ending: str) -> dict[str, str]:
     plain = f"{subject} {verb} {obj} {place} {time}."
-    styled = f"It was {TIMES[time]} that {SUBJECTS[subject]} {VERBS[verb]} {obj} {place}, so it is told."
+    styled = f"It was {TIMES[time]} that {SUBJECTS[subject]} {VERBS[verb]} {obj} {place}, {ending}."
     return {"instruction": STYLE_INSTRUCTION, "input": plain, "output": styled[0].upper() + styled[1:]}
 
 
@@ -72,7 +75,7 @@ def style_task(seed: int, n_train: int, n_test: int) -> tuple[list[dict[str, Any
     rng.shuffle(combos)
     if n_train + n_test > len(combos):
         raise ValueError(f"style task has {len(combos)} distinct sentences, asked for {n_train + n_test}")
-    rows = [style_example(*combo) for combo in combos[: n_train + n_test]]
+    rows = [style_example(*combo, rng.choice(ENDINGS)) for combo in combos[: n_train + n_test]]
     return _split(rows, n_train, "style")
 
 
@@ -83,7 +86,9 @@ def choice_example(rng: random.Random) -> dict[str, str]:
     options = [(cat, rng.choice(CATEGORIES[cat])) for cat in categories]
     rng.shuffle(options)
     answer = next(i for i, (cat, _) in enumerate(options) if cat == target)
-    lines = [f"Which word names a {target}?"] + [f"{LETTERS[i]}. {word}" for i, (_, word) in enumerate(options)]
+    lines = [f"Which word names a {target}?"] + [
+        f"{LETTERS[i]}. {word}" for i, (_, word) in enumerate(options)
+    ]
     return {"instruction": CHOICE_INSTRUCTION, "input": "\n".join(lines), "output": LETTERS[answer]}
 
 
@@ -99,7 +104,9 @@ def choice_task(seed: int, n_train: int, n_test: int) -> tuple[list[dict[str, An
     return _split(rows, n_train, "choice")
 
 
-def _split(rows: list[dict[str, Any]], n_train: int, prefix: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+def _split(
+    rows: list[dict[str, Any]], n_train: int, prefix: str
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     for index, row in enumerate(rows):
         row["id"] = f"{prefix}-{index:05d}"
     return rows[:n_train], rows[n_train:]

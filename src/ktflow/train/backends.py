@@ -127,7 +127,9 @@ class KTBackend(TrainingBackend):
     def check_host(self, spec: TrainSpec) -> None:
         _require_kt_cpu()
         if not cuda_available():
-            raise HardwareError("the KT backend needs a CUDA GPU for the non-expert layers; this host has none")
+            raise HardwareError(
+                "the KT backend needs a CUDA GPU for the non-expert layers; this host has none"
+            )
 
 
 class KTLegacyBackend(TrainingBackend):

@@ -22,7 +22,12 @@ FORMATS: dict[str, tuple[dict[str, Any], tuple[str, ...]]] = {
     "pairwise": (
         {
             "ranking": True,
-            "columns": {"prompt": "instruction", "query": "input", "chosen": "chosen", "rejected": "rejected"},
+            "columns": {
+                "prompt": "instruction",
+                "query": "input",
+                "chosen": "chosen",
+                "rejected": "rejected",
+            },
         },
         ("instruction", "chosen", "rejected"),
     ),

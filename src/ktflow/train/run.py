@@ -59,7 +59,11 @@ def prepare_run_dir(run_dir: Path, rendered: str) -> Path | None:
 
 
 def training_metrics(run_dir: Path, wall_seconds: float, peak_rss_bytes: int) -> dict[str, Any]:
-    results = json.loads((run_dir / "all_results.json").read_text()) if (run_dir / "all_results.json").is_file() else {}
+    results = (
+        json.loads((run_dir / "all_results.json").read_text())
+        if (run_dir / "all_results.json").is_file()
+        else {}
+    )
     state_path = run_dir / "trainer_state.json"
     history = json.loads(state_path.read_text()).get("log_history", []) if state_path.is_file() else []
     tokens = max((entry.get("num_input_tokens_seen", 0) for entry in history), default=0)
@@ -113,7 +117,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model_dir", type=Path, help="BF16 base model directory")
     parser.add_argument("train_file", type=Path, help="training data (JSON list or JSONL)")
     parser.add_argument("out_dir", type=Path, help="where the finished adapter is published")
-    parser.add_argument("--work-dir", type=Path, required=True, help="LLaMA-Factory output_dir parent (checkpoints)")
+    parser.add_argument(
+        "--work-dir", type=Path, required=True, help="LLaMA-Factory output_dir parent (checkpoints)"
+    )
     parser.add_argument("--dataset-name", default="train")
     parser.add_argument("--spec", required=True, help="JSON of the config's training block")
     parser.add_argument("--render-only", action="store_true", help="write the YAML and stop")
@@ -127,13 +133,19 @@ def parse_spec(args: argparse.Namespace) -> tuple[TrainSpec, str]:
     data_format = training.get("format", "alpaca")
     stage = training.get("stage", "sft")
     if stage not in STAGE_FORMATS:
-        raise KtflowInputError("config", "training.stage", f"unknown stage {stage!r}; use one of {sorted(STAGE_FORMATS)}")
+        raise KtflowInputError(
+            "config", "training.stage", f"unknown stage {stage!r}; use one of {sorted(STAGE_FORMATS)}"
+        )
     if data_format not in STAGE_FORMATS[stage]:
         raise KtflowInputError(
-            args.train_file, "format", f"stage {stage} needs data in {STAGE_FORMATS[stage]}, got {data_format!r}"
+            args.train_file,
+            "format",
+            f"stage {stage} needs data in {STAGE_FORMATS[stage]}, got {data_format!r}",
         )
     if training.get("backend", "hf") not in BACKENDS:
-        raise KtflowInputError("config", "training.backend", f"unknown backend; use one of {sorted(BACKENDS)}")
+        raise KtflowInputError(
+            "config", "training.backend", f"unknown backend; use one of {sorted(BACKENDS)}"
+        )
     spec = TrainSpec.from_config(
         {k: v for k, v in training.items() if k != "format"},
         model_dir=args.model_dir.resolve(),
@@ -153,7 +165,9 @@ def main(args: argparse.Namespace) -> int:
         raise KtflowInputError(args.model_dir / "config.json", None, "base model has no config.json")
     write_dataset_info(spec.dataset_dir, spec.dataset, args.train_file, data_format)
     if args.render_only:
-        write_text(args.work_dir / "llamafactory.yaml", yaml.safe_dump(backend_for(spec.backend).render(spec)))
+        write_text(
+            args.work_dir / "llamafactory.yaml", yaml.safe_dump(backend_for(spec.backend).render(spec))
+        )
         return 0
     subset = json.loads(args.spec)
     inputs: list[str | Path] = [args.train_file, *sorted(args.model_dir.glob("*.json"))]

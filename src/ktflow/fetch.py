@@ -1,0 +1,313 @@
+"""``ktflow fetch``: put a model snapshot (config, tokenizer, safetensors) under the results tree.
+
+Two sources: a local directory, or the Hugging Face hub through huggingface_hub's
+own cache (``snapshot_download`` without ``local_dir``, so a pre-populated cache and
+``HF_HUB_OFFLINE=1`` work exactly as huggingface_hub documents). Either way the
+files are materialised into OUT_DIR by a copy-on-write clone, a hard link (same
+file system) or a copy, never a symlink: the output must not change when the
+source directory does, and no later step can reach back into the user's tree
+through a link. The token is left to huggingface_hub (``HF_TOKEN`` or ``hf auth
+login``); ktflow never reads, passes, logs or records it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import errno
+import fcntl
+import json
+import logging
+import os
+import shutil
+import struct
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ktflow.atomic import atomic_dir
+from ktflow.errors import KtflowInputError
+from ktflow.provenance import PROVENANCE_NAME, recorded
+
+log = logging.getLogger(__name__)
+
+# Pickle-based checkpoint formats: loading them can run arbitrary code.
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+# Everything a model snapshot needs for the pipeline (config, tokenizer incl. tiktoken
+# and custom tokenizer code, chat templates, safetensors) and nothing pickled.
+DEFAULT_ALLOW_PATTERNS = [
+    "*.json", "*.safetensors", "*.model", "*.tiktoken", "*.txt", "*.py", "*.jinja", "*.md", "LICENSE*",
+]  # fmt: skip
+_FICLONE = 0x40049409  # linux/fs.h: clone a whole file (btrfs, xfs, ...)
+
+
+class HubUnreachableError(KtflowInputError):
+    """The hub cannot be reached and the requested snapshot is not in the local cache."""
+
+
+@dataclass
+class FetchReport:
+    out: Path
+    source: str
+    files: int = 0
+    bytes: int = 0
+    methods: dict[str, int] = field(default_factory=dict)  # clone / hardlink / copy -> file count
+    repo_id: str | None = None
+    revision: str | None = None
+    commit_sha: str | None = None
+
+
+def _snapshot_files(root: Path) -> Iterator[tuple[Path, Path]]:
+    """(relative path, real file) for every visible file; links are resolved, hidden entries skipped."""
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        # .git, .cache/huggingface (local_dir metadata) and friends are not part of a model.
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in sorted(filenames):
+            if name.startswith(".") or name == PROVENANCE_NAME:
+                continue
+            path = Path(dirpath) / name
+            if path.is_file():
+                yield path.relative_to(root), path.resolve()
+
+
+def _check_safetensors(path: Path) -> None:
+    """Reject a truncated or non-safetensors file by its header, before any step reads it."""
+    size = path.stat().st_size
+    with open(path, "rb") as handle:
+        head = handle.read(8)
+        if len(head) < 8:
+            raise KtflowInputError(
+                path, None, "not a safetensors file (shorter than its 8-byte header length)"
+            )
+        (length,) = struct.unpack("<Q", head)
+        if length > size - 8:
+            raise KtflowInputError(path, None, f"truncated safetensors file: header says {length} bytes")
+        try:
+            header = json.loads(handle.read(length))
+            ends = [int(entry["data_offsets"][1]) for key, entry in header.items() if key != "__metadata__"]
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError, KeyError, TypeError) as error:
+            raise KtflowInputError(path, None, f"unreadable safetensors header ({error!r})") from None
+    if 8 + length + max(ends, default=0) > size:
+        raise KtflowInputError(path, None, f"truncated safetensors file ({size} bytes on disk)")
+
+
+def validate_snapshot(root: Path, keep: Callable[[str], bool] | None = None) -> list[tuple[Path, Path]]:
+    """Check a model directory is loadable from safetensors alone; return its (selected) files."""
+    if not root.is_dir():
+        raise KtflowInputError(root, None, "model directory does not exist")
+    files = [(rel, real) for rel, real in _snapshot_files(root) if keep is None or keep(rel.as_posix())]
+    names = {rel.as_posix() for rel, _ in files}
+    pickled = [rel for rel, _ in files if rel.suffix.lower() in PICKLE_SUFFIXES]
+    if pickled:
+        raise KtflowInputError(
+            root / pickled[0], None,
+            "pickle-format weights are refused: weights load only from safetensors "
+            "(remove the file, or convert it to safetensors first)",
+        )  # fmt: skip
+    config = root / "config.json"
+    if "config.json" not in names:
+        raise KtflowInputError(config, None, "missing: a model snapshot needs its config.json")
+    try:
+        parsed = json.loads(config.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise KtflowInputError(config, None, f"not valid JSON ({error})") from None
+    if not isinstance(parsed, dict) or not isinstance(parsed.get("model_type"), str):
+        raise KtflowInputError(config, "model_type", "missing: config.json must name the model_type")
+    tensors = [real for rel, real in files if rel.suffix == ".safetensors"]
+    if not tensors:
+        raise KtflowInputError(root, None, "no *.safetensors weights in the model directory")
+    index = root / "model.safetensors.index.json"
+    if "model.safetensors.index.json" in names:
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map")
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as error:
+            raise KtflowInputError(index, None, f"not a safetensors index ({error})") from None
+        if not isinstance(weight_map, dict):
+            raise KtflowInputError(index, "weight_map", "missing or not an object")
+        missing = sorted(set(weight_map.values()) - names)
+        if missing:
+            raise KtflowInputError(
+                index, "weight_map", f"names shard {missing[0]}, which is not in the snapshot"
+            )
+    for path in tensors:
+        _check_safetensors(path)
+    return files
+
+
+def _materialise(src: Path, dst: Path, hardlink: bool) -> str:
+    """Clone, hard-link or copy ``src`` to ``dst``; return which one happened."""
+    with open(src, "rb") as source, open(dst, "wb") as target:
+        try:
+            fcntl.ioctl(target.fileno(), _FICLONE, source.fileno())
+            shutil.copystat(src, dst)
+            return "clone"
+        except OSError:
+            pass  # ext4, tmpfs, overlay ... have no clones
+    if hardlink:
+        dst.unlink()
+        try:
+            os.link(src, dst)
+            return "hardlink"
+        except OSError as error:
+            if error.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP):
+                raise
+    shutil.copy2(src, dst)
+    return "copy"
+
+
+def _populate(files: list[tuple[Path, Path]], tmp: Path, report: FetchReport, hardlink: bool) -> None:
+    for rel, real in files:
+        target = tmp / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        method = _materialise(real, target, hardlink)
+        report.methods[method] = report.methods.get(method, 0) + 1
+        report.files += 1
+        report.bytes += target.stat().st_size
+
+
+def _write(
+    root: Path,
+    report: FetchReport,
+    config: dict[str, Any],
+    hardlink: bool,
+    keep: Callable[[str], bool] | None = None,
+) -> FetchReport:
+    files = validate_snapshot(root, keep)
+    inputs: list[str | Path] = [root / rel for rel, _ in files]
+    with atomic_dir(report.out) as tmp, recorded(tmp / PROVENANCE_NAME, "fetch", config, inputs) as extra:
+        # Provenance is written inside the temp dir, so it is renamed into place with the files.
+        _populate(files, tmp, report, hardlink)
+        extra.update(files=report.files, bytes=report.bytes, methods=report.methods)
+    log.info(
+        "fetched %d files (%.1f MB) into %s: %s", report.files, report.bytes / 1e6, report.out, report.methods
+    )
+    return report
+
+
+def fetch_local(src: Path, out: Path, *, hardlink: bool = True) -> FetchReport:
+    """Materialise the model directory ``src`` into ``out`` (atomically, with provenance)."""
+    src = Path(src).expanduser().absolute()
+    if Path(out).absolute().resolve().is_relative_to(src.resolve()):
+        raise KtflowInputError(out, None, f"the output must not lie inside the model directory {src}")
+    config = {"source": "local", "path": str(src), "hardlink": hardlink}
+    return _write(src, FetchReport(out=Path(out), source="local"), config, hardlink)
+
+
+def _hub_error(repo_id: str, revision: str | None, error: Exception) -> KtflowInputError:
+    from huggingface_hub import constants
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
+
+    wanted = f"{repo_id}@{revision or 'main'}"
+    if isinstance(error, RevisionNotFoundError):
+        return KtflowInputError(None, "revision", f"{wanted}: the hub has no such revision")
+    if isinstance(error, GatedRepoError | RepositoryNotFoundError):
+        return KtflowInputError(
+            None, "repo_id",
+            f"{wanted}: not found or gated on the hub; for a private or gated repository log in "
+            "with `hf auth login` or export HF_TOKEN (never put the token on the command line)",
+        )  # fmt: skip
+    # The underlying message is left out on purpose: only the class name, no request details.
+    command = f"hf download {repo_id}" + (f" --revision {revision}" if revision else "")
+    return HubUnreachableError(
+        None, "repo_id",
+        f"the Hugging Face hub is unreachable ({type(error).__name__}) and {wanted} is not complete in the "
+        f"local cache {constants.HF_HUB_CACHE}. Pre-download it where the hub is reachable (`{command}`), "
+        "then copy that cache here or point HF_HUB_CACHE at it; or use `source: local` with a model dir",
+    )  # fmt: skip
+
+
+def _snapshot(repo_id: str, revision: str | None, patterns: list[str]) -> Path:
+    """The cached snapshot folder, downloading what is missing when the hub is reachable."""
+    import httpx
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import HFValidationError, RepositoryNotFoundError, RevisionNotFoundError
+
+    def download(local_only: bool) -> Path:
+        # token is never passed: huggingface_hub reads HF_TOKEN / its stored login itself.
+        found = snapshot_download(
+            repo_id, revision=revision, allow_patterns=patterns, local_files_only=local_only
+        )
+        return Path(found)
+
+    offline = bool(constants.HF_HUB_OFFLINE)
+    try:
+        try:
+            return download(offline)
+        except (RepositoryNotFoundError, RevisionNotFoundError):
+            raise
+        except (OSError, httpx.HTTPError) as first:
+            if offline:
+                raise
+            # huggingface_hub falls back to its cache by itself only for branch names; a pinned
+            # commit sha needs local_files_only to be looked up there when the hub is unreachable.
+            try:
+                return download(True)
+            except OSError:
+                raise first from None
+    except HFValidationError as error:
+        raise KtflowInputError(
+            None, "repo_id", f"{repo_id!r} is not a valid hub repository id ({error})"
+        ) from None
+    except (OSError, httpx.HTTPError) as error:
+        raise _hub_error(repo_id, revision, error) from None
+
+
+def fetch_hub(
+    repo_id: str,
+    out: Path,
+    revision: str | None = None,
+    allow_patterns: list[str] | None = None,
+    *,
+    hardlink: bool = True,
+) -> FetchReport:
+    """Resolve ``repo_id`` at ``revision`` through the huggingface_hub cache and materialise it."""
+    from huggingface_hub.utils import filter_repo_objects  # type: ignore[attr-defined]  # public, not re-exported for mypy
+
+    patterns = list(allow_patterns) if allow_patterns else list(DEFAULT_ALLOW_PATTERNS)
+    folder = _snapshot(repo_id, revision, patterns)
+    # The cache keeps each snapshot under snapshots/<commit sha>: that is the resolved revision.
+    report = FetchReport(
+        out=Path(out), source="hf", repo_id=repo_id, revision=revision, commit_sha=folder.name
+    )
+    config = {
+        "source": "hf", "repo_id": repo_id, "revision": revision, "commit_sha": folder.name,
+        "allow_patterns": patterns, "hardlink": hardlink,
+    }  # fmt: skip
+    # The cache may hold more of the repository than was asked for (an earlier, wider download).
+    # Same matching as snapshot_download's own, so exactly the requested files come through.
+    return _write(
+        folder, report, config, hardlink, lambda rel: any(filter_repo_objects([rel], allow_patterns=patterns))
+    )
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("out_dir", type=Path, metavar="OUT_DIR", help="where the snapshot goes")
+    parser.add_argument("--source", choices=("local", "hf"), required=True)
+    parser.add_argument("--path", type=Path, help="model directory (--source local)")
+    parser.add_argument("--repo-id", help="ORG/NAME on the hub (--source hf)")
+    parser.add_argument("--revision", help="branch, tag or commit sha (--source hf; default main)")
+    parser.add_argument(
+        "--allow-patterns", nargs="+", metavar="PAT",
+        help=f"files to fetch (--source hf; default: {' '.join(DEFAULT_ALLOW_PATTERNS)})",
+    )  # fmt: skip
+    parser.add_argument(
+        "--no-hardlink", action="store_true",
+        help="always copy (default: clone or hard-link when on the same file system)",
+    )  # fmt: skip
+
+
+def main(args: argparse.Namespace) -> int:
+    hardlink = not args.no_hardlink
+    if args.source == "local":
+        if args.path is None:
+            raise KtflowInputError(None, "--path", "required with --source local")
+        report = fetch_local(args.path, args.out_dir, hardlink=hardlink)
+    else:
+        if not args.repo_id:
+            raise KtflowInputError(None, "--repo-id", "required with --source hf")
+        report = fetch_hub(args.repo_id, args.out_dir, args.revision, args.allow_patterns, hardlink=hardlink)
+    with contextlib.suppress(BrokenPipeError):
+        sha = f" @ {report.commit_sha}" if report.commit_sha else ""
+        print(f"{report.out}: {report.files} files, {report.bytes / 1e6:.1f} MB{sha}")
+    return 0
