@@ -1,15 +1,23 @@
 """``ktflow tables``: metrics JSON files -> tables in the paper's layout (CSV, Markdown, HTML).
 
-Rows are "<model> (no LoRA)" and "<model> + LoRA" per task; generation tasks get
-BLEU-1..4 / ROUGE-1 / ROUGE-2 / ROUGE-L columns, multiple-choice tasks an accuracy
-table. Published numbers named in the config sit beside the reproduced rows.
+    ktflow tables MODEL:TASK:VARIANT=METRICS.json ... --spec JSON [--out-dir DIR] [--page PAGE.html]
+
+Rows are "<model> (no LoRA)" and "<model> + LoRA" per task, in the config's model order;
+generation tasks get BLEU-1..4 / ROUGE-1 / ROUGE-2 / ROUGE-L columns (x100), multiple-choice
+tasks an accuracy column. When the spec names published numbers (config ``tables.paper``),
+a "(paper)" row sits under the reproduced row and "Δ <metric>" columns give reproduced
+minus published. ``--out-dir`` gets ``generation.*`` and ``accuracy.*`` (all tasks, with a
+Task column) and ``tasks/<task>.*`` (one table per task); ``--page`` one self-contained
+HTML page with every task's table (the Snakemake report embeds it).
 """
 
 from __future__ import annotations
 
 import argparse
+import html
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +36,31 @@ GENERATION_COLUMNS = {
     "rouge-2": "ROUGE-2",
     "rouge-l": "ROUGE-L",
 }
+MCQ_COLUMNS = {"accuracy": "Accuracy"}
+# kind -> (metric key -> column title, decimals, combined table name, heading)
+KINDS: dict[str, tuple[dict[str, str], int, str, str]] = {
+    "generation": (GENERATION_COLUMNS, 2, "generation", "Generation (BLEU / ROUGE, x100)"),
+    "mcq": (MCQ_COLUMNS, 4, "accuracy", "Multiple choice (accuracy)"),
+}
 VARIANT_LABEL = {"base": "{model} (no LoRA)", "lora": "{model} + LoRA"}
+PAPER_SUFFIX = " (paper)"
+
+
+@dataclass(frozen=True)
+class Result:
+    """One reproduced (model, task, variant) cell block, with the published numbers if any."""
+
+    model: str
+    display: str
+    task: str
+    kind: str
+    variant: str
+    values: dict[str, float | None]
+    paper: dict[str, float | None] | None
+
+    @property
+    def label(self) -> str:
+        return VARIANT_LABEL[self.variant].format(model=self.display)
 
 
 def parse_entry(text: str) -> tuple[str, str, str, Path]:
@@ -51,51 +83,170 @@ def load_metrics(path: Path) -> dict[str, Any]:
     return data
 
 
-def _row(label: str, task: str, values: dict[str, Any], columns: dict[str, str]) -> dict[str, Any]:
-    row: dict[str, Any] = {"Task": task, "Model": label}
-    for key, title in columns.items():
-        row[title] = round(float(values[key]), 2) if values.get(key) is not None else None
-    return row
+def _number(value: Any, where: str, path: str | Path) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise KtflowInputError(path, where, f"expected a number, got {value!r}")
+    return float(value)
+
+
+def _published(
+    spec: dict[str, Any], model: str, task: str, variant: str, kind: str
+) -> dict[str, float | None] | None:
+    published = spec.get("paper", {}).get(model, {}).get(task, {}).get(variant)
+    if not published:
+        return None
+    columns = KINDS[kind][0]
+    where = f"paper.{model}.{task}.{variant}"
+    unknown = sorted(set(published) - set(columns))
+    if unknown:
+        raise KtflowInputError(
+            "--spec", where, f"unknown metric(s) {unknown} for a {kind} task; known: {list(columns)}"
+        )
+    return {key: _number(published.get(key), f"{where}.{key}", "--spec") for key in columns}
+
+
+def collect(entries: list[tuple[str, str, str, Path]], spec: dict[str, Any]) -> list[Result]:
+    """Read every metrics file (all checked before any table is built), in table order."""
+    results: list[Result] = []
+    for model, task, variant, path in entries:
+        kind = spec.get("tasks", {}).get(task)
+        if kind not in KINDS:
+            raise KtflowInputError(
+                "--spec", f"tasks.{task}", f"kind must be one of {list(KINDS)}, got {kind!r}"
+            )
+        if variant not in VARIANT_LABEL:
+            raise KtflowInputError(
+                f"{model}:{task}:{variant}", None, f"variant must be one of {list(VARIANT_LABEL)}"
+            )
+        metrics = load_metrics(path)
+        columns = KINDS[kind][0]
+        missing = [key for key in columns if key not in metrics]
+        if missing:
+            raise KtflowInputError(path, missing[0], f"metric missing (is this a {kind} task's metrics?)")
+        values = {key: _number(metrics[key], key, path) for key in columns}
+        display = spec.get("models", {}).get(model, model)
+        results.append(
+            Result(model, display, task, kind, variant, values, _published(spec, model, task, variant, kind))
+        )
+    # The paper's layout: task by task, models in config order, base above LoRA.
+    tasks = list(dict.fromkeys(r.task for r in results))
+    models = list(dict.fromkeys(r.model for r in results))
+    variants = list(VARIANT_LABEL)
+    return sorted(
+        results, key=lambda r: (tasks.index(r.task), models.index(r.model), variants.index(r.variant))
+    )
+
+
+def frame(results: list[Result], kind: str, with_task: bool) -> pd.DataFrame:
+    """One kind's rows; "Δ" columns appear only when some row has published numbers."""
+    columns, decimals, _, _ = KINDS[kind]
+    with_paper = any(result.paper for result in results)
+    titles = (["Task"] if with_task else []) + ["Model", *columns.values()]
+    if with_paper:
+        titles += [f"Δ {title}" for title in columns.values()]
+    rows: list[dict[str, Any]] = []
+    for result in results:
+        row: dict[str, Any] = {"Task": result.task, "Model": result.label}
+        for key, title in columns.items():
+            value = result.values[key]
+            row[title] = round(value, decimals) if value is not None else None
+            published = result.paper.get(key) if result.paper else None
+            if with_paper and value is not None and published is not None:
+                row[f"Δ {title}"] = round(value - published, decimals)
+        rows.append(row)
+        if result.paper:
+            paper_row: dict[str, Any] = {"Task": result.task, "Model": result.label + PAPER_SUFFIX}
+            for key, title in columns.items():
+                published = result.paper[key]
+                paper_row[title] = round(published, decimals) if published is not None else None
+            rows.append(paper_row)
+    return pd.DataFrame(rows, columns=titles)
 
 
 def build_tables(entries: list[tuple[str, str, str, Path]], spec: dict[str, Any]) -> dict[str, pd.DataFrame]:
-    generation: list[dict[str, Any]] = []
-    accuracy: list[dict[str, Any]] = []
-    paper = spec.get("paper", {})
-    for model, task, variant, path in entries:
-        metrics = load_metrics(path)
-        kind = spec["tasks"][task]
-        display = spec["models"].get(model, model)
-        label = VARIANT_LABEL[variant].format(model=display)
-        published = paper.get(model, {}).get(task, {}).get(variant)
-        if kind == "generation":
-            missing = [key for key in GENERATION_COLUMNS if key not in metrics]
-            if missing:
-                raise KtflowInputError(path, missing[0], "metric missing (is this a generation task's metrics?)")
-            generation.append(_row(label, task, metrics, GENERATION_COLUMNS))
-            if published:
-                generation.append(_row(f"{label} (paper)", task, published, GENERATION_COLUMNS))
-        else:
-            if "accuracy" not in metrics:
-                raise KtflowInputError(path, "accuracy", "metric missing (is this an mcq task's metrics?)")
-            accuracy.append({"Task": task, "Model": label, "Accuracy": round(float(metrics["accuracy"]), 4)})
-            if published and "accuracy" in published:
-                accuracy.append(
-                    {"Task": task, "Model": f"{label} (paper)", "Accuracy": round(float(published["accuracy"]), 4)}
-                )
-    return {
-        "generation": pd.DataFrame(generation, columns=["Task", "Model", *GENERATION_COLUMNS.values()]),
-        "accuracy": pd.DataFrame(accuracy, columns=["Task", "Model", "Accuracy"]),
-    }
+    """``generation`` / ``accuracy`` (all tasks, Task column) and ``tasks/<task>`` per task."""
+    return tables_from(collect(entries, spec))
+
+
+def tables_from(results: list[Result]) -> dict[str, pd.DataFrame]:
+    tables: dict[str, pd.DataFrame] = {}
+    for kind, (_, _, name, _) in KINDS.items():
+        tables[name] = frame([r for r in results if r.kind == kind], kind, with_task=True)
+    for task in dict.fromkeys(r.task for r in results):
+        rows = [r for r in results if r.task == task]
+        tables[f"tasks/{task}"] = frame(rows, rows[0].kind, with_task=False)
+    return tables
+
+
+def _cell(value: Any, title: str) -> str:
+    if value is None or (isinstance(value, float) and pd.isna(value)):
+        return "<td></td>"
+    if title.startswith("Δ "):
+        return f'<td class="{"up" if value > 0 else "down" if value < 0 else ""}">{value:+g}</td>'
+    if isinstance(value, float):
+        return f"<td>{value:g}</td>"
+    return f"<td>{html.escape(str(value))}</td>"
+
+
+def html_table(table: pd.DataFrame) -> str:
+    """A plain HTML table; published rows carry class "paper" so a stylesheet can set them apart."""
+    head = "".join(f"<th>{html.escape(str(title))}</th>" for title in table.columns)
+    body = []
+    for record in table.to_dict("records"):
+        paper = str(record.get("Model", "")).endswith(PAPER_SUFFIX)
+        cells = "".join(_cell(record[title], str(title)) for title in table.columns)
+        body.append(f'<tr class="paper">{cells}</tr>' if paper else f"<tr>{cells}</tr>")
+    return (
+        f'<table class="ktflow">\n<thead><tr>{head}</tr></thead>\n<tbody>\n'
+        + "\n".join(body)
+        + "\n</tbody>\n</table>\n"
+    )
+
+
+PAGE_STYLE = """
+body { font-family: system-ui, sans-serif; margin: 2em; color: #222; }
+table.ktflow { border-collapse: collapse; margin-bottom: 2em; }
+table.ktflow th, table.ktflow td { border-bottom: 1px solid #ccc; padding: 0.3em 0.8em; text-align: right; }
+table.ktflow th:first-child, table.ktflow td:first-child { text-align: left; }
+tr.paper td { color: #666; font-style: italic; }
+td.up { color: #1a7f37; } td.down { color: #b42318; }
+"""
+
+
+def render_page(results: list[Result], title: str = "ktflow results") -> str:
+    """One self-contained HTML page (inline CSS, no scripts) with a section per task."""
+    sections = []
+    for task in dict.fromkeys(r.task for r in results):
+        rows = [r for r in results if r.task == task]
+        heading = f"{task} — {KINDS[rows[0].kind][3]}"
+        sections.append(
+            f"<h2>{html.escape(heading)}</h2>\n{html_table(frame(rows, rows[0].kind, with_task=False))}"
+        )
+    note = "<p>Rows marked (paper) are the published numbers; Δ = reproduced − published.</p>"
+    paper = note if any(r.paper for r in results) else ""
+    return (
+        '<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
+        f"<title>{html.escape(title)}</title>\n"
+        f"<style>{PAGE_STYLE}</style>\n</head>\n<body>\n<h1>{html.escape(title)}</h1>\n{paper}\n"
+        + "\n".join(sections)
+        + "\n</body>\n</html>\n"
+    )
 
 
 def write_tables(tables: dict[str, pd.DataFrame], out_dir: Path) -> list[Path]:
     written = []
-    for name, frame in tables.items():
+    for name, table in tables.items():
         for suffix, text in (
-            (".csv", frame.to_csv(index=False)),
-            (".md", frame.to_markdown(index=False) + "\n"),
-            (".html", frame.to_html(index=False, border=0)),
+            (".csv", table.to_csv(index=False)),
+            # tabulate blanks None but prints float NaN as "nan": hand it None.
+            (
+                ".md",
+                table.astype(object).where(table.notna(), None).to_markdown(index=False, missingval="")
+                + "\n",
+            ),
+            (".html", html_table(table)),
         ):
             path = out_dir / f"{name}{suffix}"
             write_text(path, text)
@@ -104,19 +255,23 @@ def write_tables(tables: dict[str, pd.DataFrame], out_dir: Path) -> list[Path]:
 
 
 def show(out_dir: Path) -> None:
-    for name in ("generation", "accuracy"):
+    for _, _, name, title in KINDS.values():
         path = out_dir / f"{name}.md"
-        if path.is_file():
-            title = "Generation (BLEU / ROUGE, x100)" if name == "generation" else "Multiple choice (accuracy)"
+        if path.is_file() and len(path.read_text().splitlines()) > 2:
             print(f"\n## {title}  [{path}]\n\n{path.read_text()}")
-    print(f"Tables (CSV / Markdown / HTML) are in {out_dir}/")
+    print(f"Tables (CSV / Markdown / HTML, all tasks and tasks/<task>.*) are in {out_dir}/")
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("entries", nargs="*", help="MODEL:TASK:VARIANT=METRICS.json")
-    parser.add_argument("--out-dir", type=Path, default=Path("results/tables"))
+    parser.add_argument("--out-dir", type=Path, default=None, help="table files (default results/tables)")
+    parser.add_argument(
+        "--page", type=Path, default=None, help="also (or, without --out-dir, only) this HTML page"
+    )
     parser.add_argument("--spec", default="{}", help="JSON: display names, task kinds, published numbers")
-    parser.add_argument("--show", type=Path, default=None, metavar="DIR", help="print the tables in DIR and exit")
+    parser.add_argument(
+        "--show", type=Path, default=None, metavar="DIR", help="print the tables in DIR and exit"
+    )
 
 
 def main(args: argparse.Namespace) -> int:
@@ -126,8 +281,20 @@ def main(args: argparse.Namespace) -> int:
             return 1
         show(args.show)
         return 0
-    spec = json.loads(args.spec)
+    try:
+        spec = json.loads(args.spec)
+    except json.JSONDecodeError as error:
+        raise KtflowInputError(None, "--spec", f"invalid JSON ({error.msg})") from None
     entries = [parse_entry(text) for text in args.entries]
-    with recorded(args.out_dir / "provenance.json", "tables", spec, [path for *_, path in entries]):
-        write_tables(build_tables(entries, spec), args.out_dir)
+    out_dir: Path | None = (
+        args.out_dir if args.out_dir is not None or args.page is not None else Path("results/tables")
+    )
+    inputs: list[str | Path] = [path for *_, path in entries]
+    results = collect(entries, spec)
+    if out_dir is not None:
+        with recorded(out_dir / "provenance.json", "tables", spec, inputs):
+            write_tables(tables_from(results), out_dir)
+    if args.page is not None:
+        with recorded(args.page.with_name(args.page.stem + ".provenance.json"), "tables-page", spec, inputs):
+            write_text(args.page, render_page(results))
     return 0

@@ -103,7 +103,8 @@ def all_targets():
             targets.append(R(f"lora/{model}/{task}/sglang"))
         if model_config(model).get("cpu_int8", False):
             targets.append(R(f"models/{model}/int8"))
-    return targets
+    # Defined in report.smk; all_targets() runs after every include.
+    return targets + REPORT_TARGETS
 
 
 def fetch_args(wildcards, input):

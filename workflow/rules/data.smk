@@ -1,3 +1,35 @@
+import re
+
+# Raw data sets come from a local file, a hub data-set repository or a URL; the download
+# happens inside the prepare_task job, so planning (-n) never touches the network.
+PREPARE_KEYS = (
+    "kind",
+    "source",
+    "adapter",
+    "raw_file",
+    "repo_id",
+    "revision",
+    "filename",
+    "url",
+    "sha256",
+    "split",
+    "on_invalid",
+)
+# Wildcard patterns: which tasks each data rule makes ("(?!)" matches nothing).
+TINY_TASKS = (
+    "|".join(re.escape(t) for t in TASKS if task_config(t)["source"] == "tiny")
+    or "(?!)"
+)
+RAW_TASKS = (
+    "|".join(
+        re.escape(t)
+        for t in TASKS
+        if task_config(t)["source"] in ("raw", "hf-dataset", "url")
+    )
+    or "(?!)"
+)
+
+
 rule tiny_tasks:
     output:
         train=R("data/{task}/train.json"),
@@ -6,6 +38,8 @@ rule tiny_tasks:
         R("logs/tiny_tasks/{task}.log"),
     benchmark:
         R("benchmarks/tiny_tasks/{task}.tsv")
+    wildcard_constraints:
+        task=TINY_TASKS,
     conda:
         "../../envs/ktflow.yaml"
     resources:
@@ -19,3 +53,39 @@ rule tiny_tasks:
     shell:
         "ktflow tiny-tasks {wildcards.task} {params.outdir} --seed {params.seed}"
         " --n-train {params.n_train} --n-test {params.n_test} > {log} 2>&1"
+
+
+rule prepare_task:
+    input:
+        lambda w: (
+            task_config(w.task)["raw_file"]
+            if task_config(w.task)["source"] == "raw"
+            else []
+        ),
+    output:
+        train=R("data/{task}/train.json"),
+        test=R("data/{task}/test.json"),
+    log:
+        R("logs/prepare_task/{task}.log"),
+    benchmark:
+        R("benchmarks/prepare_task/{task}.tsv")
+    wildcard_constraints:
+        task=RAW_TASKS,
+    conda:
+        "../../envs/ktflow.yaml"
+    resources:
+        mem_mb=4000,
+        runtime=30,
+    params:
+        spec=lambda w: as_json(
+            {
+                "seed": config.get("seed", 42),
+                **{k: v for k, v in task_config(w.task).items() if k in PREPARE_KEYS},
+            }
+        ),
+        # URL downloads are kept outside the outputs, so a changed split reuses them.
+        cache=lambda w: R(f".cache/datasets/{w.task}"),
+        outdir=lambda w, output: str(Path(output.train).parent),
+    shell:
+        "ktflow prepare-data {params.outdir} --name {wildcards.task} --spec {params.spec:q}"
+        " --cache-dir {params.cache} > {log} 2>&1"

@@ -16,11 +16,15 @@ rule evaluate:
         runtime=30,
     params:
         kind=lambda w: task_config(w.task)["kind"],
-        flavour=config.get("evaluation", {}).get("flavour", "paper"),
+        flavour=lambda w: (
+            f"--flavour {config.get('evaluation', {}).get('flavour', 'paper')}"
+            if task_config(w.task)["kind"] == "generation"
+            else ""
+        ),
         workers=config.get("evaluation", {}).get("workers", 1),
     shell:
         "ktflow evaluate {input} --task {params.kind} -o {output.metrics}"
-        " --per-sample {output.samples} --flavour {params.flavour}"
+        " --per-sample {output.samples} {params.flavour}"
         " --workers {params.workers} > {log} 2>&1"
 
 

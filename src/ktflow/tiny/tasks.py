@@ -2,8 +2,9 @@
 
 - ``style`` (generation, scored with BLEU/ROUGE): plain English sentences rewritten
   in a stilted "translational" register, like the Translational-Style data set.
-- ``choice`` (multiple choice, scored by accuracy): "which word names a <category>?"
-  with five options A-E and the answer letter, like AfriMed-QA's MCQ split.
+- ``choice`` (multiple choice, scored by accuracy): "which word names a <category>?" or
+  "which word is the same kind of thing as <word>?" with five options A-E and the
+  answer letter, like AfriMed-QA's MCQ split.
 
 Both are built from fixed word lists with a seeded RNG, so every run makes the
 same files; train and test splits are disjoint by construction.
@@ -80,15 +81,19 @@ def style_task(seed: int, n_train: int, n_test: int) -> tuple[list[dict[str, Any
 
 
 def choice_example(rng: random.Random) -> dict[str, str]:
+    """Options list one word per category in a fixed category order, so the answer is learnable
+    from word knowledge: half the questions name the category, half give another member of it."""
     categories = list(CATEGORIES)
-    rng.shuffle(categories)
-    target = categories[0]
-    options = [(cat, rng.choice(CATEGORIES[cat])) for cat in categories]
-    rng.shuffle(options)
-    answer = next(i for i, (cat, _) in enumerate(options) if cat == target)
-    lines = [f"Which word names a {target}?"] + [
-        f"{LETTERS[i]}. {word}" for i, (_, word) in enumerate(options)
-    ]
+    target = rng.choice(categories)
+    options = [rng.choice(CATEGORIES[category]) for category in categories]
+    answer = categories.index(target)
+    if rng.random() < 0.5:
+        article = "an" if target[0] in "aeiou" else "a"
+        question = f"Which word names {article} {target}?"
+    else:
+        hint = rng.choice([word for word in CATEGORIES[target] if word != options[answer]])
+        question = f"Which word is the same kind of thing as {hint}?"
+    lines = [question] + [f"{LETTERS[i]}. {word}" for i, word in enumerate(options)]
     return {"instruction": CHOICE_INSTRUCTION, "input": "\n".join(lines), "output": LETTERS[answer]}
 
 

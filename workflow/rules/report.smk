@@ -1,0 +1,72 @@
+# Tables page and plots for `snakemake --report report.html` (self-contained, offline):
+# the config and per-rule runtimes are added by Snakemake itself.
+
+
+report: "../report/workflow.rst"
+
+
+REPORT_TARGETS = [R("report/tables.html"), R("plots/loss.png"), R("plots/metrics.png")]
+
+
+rule report_tables:
+    input:
+        expand(
+            R("metrics/{model}/{task}/{variant}.json"),
+            model=MODELS,
+            task=TASKS,
+            variant=VARIANTS,
+        ),
+    output:
+        report(
+            R("report/tables.html"),
+            caption="../report/tables.rst",
+            category="Tables",
+        ),
+    log:
+        R("logs/report_tables/report_tables.log"),
+    benchmark:
+        R("benchmarks/report_tables/report_tables.tsv")
+    conda:
+        "../../envs/ktflow.yaml"
+    resources:
+        mem_mb=1000,
+        runtime=5,
+    params:
+        spec=tables_spec(),
+        entries=metric_entries,
+    shell:
+        "ktflow tables --page {output} --spec {params.spec:q} {params.entries} > {log} 2>&1"
+
+
+rule plots:
+    input:
+        adapters=expand(R("lora/{model}/{task}/adapter"), model=MODELS, task=TASKS),
+        metrics=expand(
+            R("metrics/{model}/{task}/{variant}.json"),
+            model=MODELS,
+            task=TASKS,
+            variant=VARIANTS,
+        ),
+    output:
+        loss=report(R("plots/loss.png"), caption="../report/loss.rst", category="Plots"),
+        metrics=report(
+            R("plots/metrics.png"), caption="../report/metrics.rst", category="Plots"
+        ),
+    log:
+        R("logs/plots/plots.log"),
+    benchmark:
+        R("benchmarks/plots/plots.tsv")
+    conda:
+        "../../envs/ktflow.yaml"
+    resources:
+        mem_mb=2000,
+        runtime=10,
+    params:
+        spec=tables_spec(),
+        logs=" ".join(
+            f"{m}:{t}={R(f'lora/{m}/{t}/adapter')}" for m in MODELS for t in TASKS
+        ),
+        entries=metric_entries,
+    shell:
+        "ktflow plots --loss {output.loss} --metrics {output.metrics} --spec {params.spec:q}"
+        " --train-logs {params.logs} --entries {params.entries} > {log} 2>&1"
