@@ -8,9 +8,10 @@ rule tiny_model:
     conda:
         "../../envs/ktflow.yaml"
     resources:
-        mem_mb=2000,
-        runtime=10,
+        mem_mb=scaled(2000),
+        runtime=scaled(10),
     params:
+        code=code_version("tiny-model"),
         seed=lambda w: model_config(w.model).get("tiny", {}).get("seed", 0),
         vocab=lambda w: model_config(w.model).get("tiny", {}).get("vocab_size", 1024),
         shards=lambda w: model_config(w.model).get("tiny", {}).get("shards", 4),
@@ -26,14 +27,14 @@ rule fetch:
         directory(R("models/{model}/release")),
     log:
         R("logs/fetch/{model}.log"),
-    benchmark:
-        R("benchmarks/fetch/{model}.tsv")
+    cache: True
     conda:
         "../../envs/ktflow.yaml"
     resources:
-        mem_mb=2000,
+        mem_mb=scaled(2000),
         runtime=lambda w, attempt: runtime_minutes(w.model, 60, attempt),
     params:
+        code=code_version("fetch"),
         spec=fetch_params,
         args=fetch_args,
     shell:
@@ -47,8 +48,7 @@ rule cast_bf16:
         directory(R("models/{model}/bf16")),
     log:
         R("logs/cast_bf16/{model}.log"),
-    benchmark:
-        R("benchmarks/cast_bf16/{model}.tsv")
+    cache: True
     conda:
         "../../envs/ktflow.yaml"
     threads: lambda w: model_config(w.model).get("cast", {}).get("workers", 1)
@@ -56,9 +56,14 @@ rule cast_bf16:
         mem_mb=lambda w, attempt: cast_memory_mb(w.model, attempt),
         runtime=lambda w, attempt: runtime_minutes(w.model, 240, attempt),
     params:
+        code=code_version("cast"),
         workers=lambda w: model_config(w.model).get("cast", {}).get("workers", 1),
+        # Snakemake deletes a directory() output before its job: the cast resumes in a
+        # work dir that is renamed into place only once it is complete.
+        work=lambda w: R(f".work/cast/{w.model}"),
     shell:
-        "ktflow cast {input} {output} --workers {params.workers} > {log} 2>&1"
+        "ktflow cast {input} {params.work} --workers {params.workers} > {log} 2>&1"
+        " && mv {params.work} {output}"
 
 
 rule convert_cpu_int8:
@@ -68,8 +73,7 @@ rule convert_cpu_int8:
         directory(R("models/{model}/int8")),
     log:
         R("logs/convert_cpu_int8/{model}.log"),
-    benchmark:
-        R("benchmarks/convert_cpu_int8/{model}.tsv")
+    cache: True
     conda:
         "../../envs/kt.yaml"
     threads: THREADS
@@ -77,6 +81,7 @@ rule convert_cpu_int8:
         mem_mb=lambda w, attempt: cast_memory_mb(w.model, attempt),
         runtime=lambda w, attempt: runtime_minutes(w.model, 240, attempt),
     params:
+        code=code_version("convert-int8"),
         checkout=lambda w: (
             f"--kt-checkout {model_config(w.model)['kt_checkout']}"
             if "kt_checkout" in model_config(w.model)
