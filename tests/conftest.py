@@ -38,6 +38,35 @@ def run_ktflow(*args: str, check: bool = True, **env: str) -> subprocess.Complet
     return result
 
 
+def snakemake(workdir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    """A real Snakemake run of the repository's workflow in ``workdir`` (its config.yaml)."""
+    command = [
+        str(BIN / "snakemake"), "-s", str(REPO / "Snakefile"), "--configfile", str(workdir / "config.yaml"),
+        "--cores", "2", *args,
+    ]  # fmt: skip
+    result = subprocess.run(
+        command, cwd=workdir, capture_output=True, text=True, env=ktflow_env(), check=False
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(
+            f"snakemake {' '.join(args)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
+        )
+    return result
+
+
+@pytest.fixture(scope="session")
+def finished(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One real run of the default pipeline, shared by the tests that read its results.
+
+    With ``--cache``, so that the long steps' artifacts are also in its between-workflow
+    cache (``results/.cache/artifacts``): tests/test_reruns.py returns to this config.
+    """
+    workdir = tmp_path_factory.mktemp("workflow")
+    shutil.copy(REPO / "config" / "config.yaml", workdir / "config.yaml")
+    snakemake(workdir, "--cache")
+    return workdir
+
+
 @pytest.fixture(scope="session")
 def tiny_release(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from ktflow.tiny.model import build_release

@@ -1,4 +1,5 @@
-"""ktflow doctor: parameter counts against transformers, published model sizes, this host, the CLI."""
+"""ktflow doctor: parameter counts against transformers, published model sizes, this host, the CLI,
+and the training environment it checks (another interpreter, the KT YAML generation)."""
 
 from __future__ import annotations
 
@@ -15,17 +16,11 @@ import transformers
 from packaging.version import Version
 
 from ktflow import cli, cpuinfo
-from ktflow.doctor import (
-    GiB,
-    GpuInfo,
-    HostReport,
-    check_backend,
-    collect_host,
-    estimate_requirements,
-    kt_variant,
-    verdict,
-)
+from ktflow.doctor import PACKAGES, check_backend, collect_host
 from ktflow.errors import KtflowInputError
+from ktflow.estimate import GiB, estimate_requirements
+from ktflow.train.env import inspect_env
+from ktflow.train.needs import GpuInfo, HostReport, kt_variant, verdict
 
 # Published config.json values (DeepSeek-V3, DeepSeek-V2-Lite, Kimi-K2-Instruct).
 DEEPSEEK_V3: dict[str, Any] = {
@@ -200,8 +195,9 @@ def _amx_gpu_host(host: HostReport, ram: int) -> HostReport:
         host,
         flags=dict.fromkeys(host.flags, True), kt_variant="amx", gpus=[GpuInfo("NVIDIA H100", 80 * GiB)],
         ram_total=ram, ram_available=ram, disk_free=4000 * GiB, kt_probe={"variant": "amx", "sft": True},
-        packages={**host.packages, **dict.fromkeys(("transformers", "peft", "trl", "llamafactory"), "x"),
-                  "kt-kernel": "0.7.2", "torch": "2.9.1"},
+        packages={**host.packages, **dict.fromkeys(("transformers", "peft", "trl"), "x"),
+                  "llamafactory": "0.9.5", "kt-kernel": "0.7.2", "transformers-kt": "5.6.0.post6",
+                  "accelerate-kt": "1.14.0.post4", "torch": "2.9.1"},
         pins=[],
     )  # fmt: skip
 
@@ -341,3 +337,48 @@ def test_counts_equal_the_tiny_release_on_disk(tiny_release: Path) -> None:
     assert estimate.params_total == model
     # Newer transformers (5.17 on the device host) write num_nextn_predict_layers=1 but no MTP weights.
     assert mtp in (0, estimate.params_mtp)
+
+
+def test_current_kt_needs_the_kt_forks_and_a_new_enough_llamafactory() -> None:
+    amx = _amx_gpu_host(collect_host(), 2048 * GiB)
+    assert verdict("kt", check_backend(amx, "kt", None)) == "KT backend: can run here"
+    forked = dataclasses.replace(
+        amx, packages={**amx.packages, "llamafactory": None, "llamafactory-kt": "0.9.6.dev0"}
+    )
+    assert verdict("kt", check_backend(forked, "kt", None)) == "KT backend: can run here"
+    bare = dataclasses.replace(amx, packages={**amx.packages, "transformers-kt": None})
+    assert "transformers-kt is not installed" in verdict("kt", check_backend(bare, "kt", None))
+    old = dataclasses.replace(amx, packages={**amx.packages, "llamafactory": "0.9.4"})
+    assert "set training.kt.generation: legacy" in verdict("kt", check_backend(old, "kt", None))
+
+
+def test_cli_checks_another_interpreter(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """--python: packages and GPUs are those of the training environment, not of ktflow's."""
+    import subprocess
+    import sys
+
+    venv = tmp_path / "kt-venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    report_path = tmp_path / "doctor.json"
+    code, _, err = _doctor(
+        ["--python", str(venv), "--training", '{"backend": "kt", "kt": {"generation": "legacy"}}',
+         "--results-dir", str(tmp_path), "--json", str(report_path)], capsys,
+    )  # fmt: skip
+    assert code == 3
+    report = json.loads(report_path.read_text())
+    assert report["requested"] == "kt-legacy"  # the training block's generation picks the checks
+    assert report["host"]["executable"].startswith(str(venv)) and report["host"]["torch"] is None
+    assert "KT (legacy) backend: cannot run here: torch is not installed in " in err
+    assert "ktflow is not importable by" in err and "ktransformers is not installed" in err
+    code, _, err = _doctor(["--python", str(tmp_path / "nowhere")], capsys)
+    assert code == 2 and "--python" in err
+
+
+def test_doctor_sees_the_same_environment_in_process_and_from_outside(host: HostReport) -> None:
+    import sys
+
+    outside = inspect_env(
+        Path(sys.executable + "-does-not-exist").parent / Path(sys.executable).name, PACKAGES
+    )
+    assert outside.packages == host.packages and outside.torch == host.torch
+    assert [g.name for g in host.gpus] == [name for name, _ in outside.gpus]

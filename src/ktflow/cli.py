@@ -28,11 +28,13 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "convert-lora": ("ktflow.adapters", "convert a LoRA adapter (HF or KT) into a PEFT dir SGLang loads"),
     "convert-int8": ("ktflow.int8", "convert BF16 routed experts to KT's CPU INT8 layout (AMX hosts)"),
     "infer": ("ktflow.infer.cli", "batch inference for the base model or base + adapter"),
+    "chat": ("ktflow.chat", "LLaMA-Factory's terminal chat on a finished run (base + adapter)"),
     "evaluate": ("ktflow.metrics", "score predictions: BLEU-1..4 / ROUGE-1/2/L or MCQ accuracy"),
     "prepare-data": ("ktflow.datasets.cli", "raw data set (AfriMed-QA, NekoQA, ...) -> task files"),
     "tables": ("ktflow.tables", "collect metrics into tables in the paper's layout"),
     "plots": ("ktflow.plots", "training-loss curves and base-vs-LoRA metric bars (PNG)"),
     "doctor": ("ktflow.doctor", "preflight: CPU flags, GPUs, versions and memory estimates"),
+    "status": ("ktflow.status", "which steps are up to date for the current config, which would rerun, and why"),
 }
 
 

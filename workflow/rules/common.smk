@@ -1,4 +1,5 @@
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -9,6 +10,7 @@ from ktflow.config import (
     effective_training,
 )
 from ktflow.errors import KtflowInputError
+from ktflow.status import code_version
 
 try:
     check_config(config, workflow.configfiles[-1] if workflow.configfiles else "config")
@@ -30,6 +32,23 @@ wildcard_constraints:
 
 def R(path):
     return f"{RESULTS}/{path}"
+
+
+# Content-addressed artifacts: rules marked `cache: True` (the long steps) go through
+# Snakemake's between-workflow cache when it runs with --cache (both profiles set it).
+# An entry is keyed by a hash of the job's command, params (its config subset and the
+# code version of its ktflow step, see code_version) and, recursively, those of every
+# job upstream, so returning to an earlier config restores its artifacts instead of
+# recomputing them. The cache defaults to <results>/.cache/artifacts: on the results'
+# file system, storing an output is a rename. Set SNAKEMAKE_OUTPUT_CACHE to share one.
+if (
+    workflow.workflow_settings is not None
+    and workflow.workflow_settings.cache is not None
+):
+    CACHE_DIR = os.environ.setdefault(
+        "SNAKEMAKE_OUTPUT_CACHE", str(Path(R(".cache/artifacts")).resolve())
+    )
+    Path(CACHE_DIR).mkdir(parents=True, exist_ok=True)
 
 
 def model_config(model):
@@ -124,6 +143,12 @@ def fetch_args(wildcards, input):
 
 
 # ---- resources (cluster profiles read these; retries scale with attempt) ----
+# profiles/slurm adds only the site's partition, account and QoS to these.
+
+
+def scaled(amount):
+    """A fixed memory (MB) or runtime (minutes) that grows with each retry."""
+    return lambda wildcards, attempt: amount * attempt
 
 
 def model_size_gb(model):
@@ -161,8 +186,6 @@ def infer_gpus(model, task):
     return config.get("resources", {}).get("gpus_infer", 0)
 
 
-def train_env(wildcards):
-    """The KT backend and upstream transformers cannot share an environment."""
-    backend = effective_training(config, wildcards.task).get("backend", "hf")
-    name = "kt" if backend in ("kt", "kt-legacy") else "ktflow"
-    return str(Path(workflow.basedir) / "envs" / f"{name}.yaml")
+def gpu_model(gpus):
+    """For the SLURM plugin's --gpus=<model>:<n>; empty (any model) and never on CPU jobs."""
+    return config.get("resources", {}).get("gpu_model", "") if gpus else ""

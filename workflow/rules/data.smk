@@ -43,9 +43,10 @@ rule tiny_tasks:
     conda:
         "../../envs/ktflow.yaml"
     resources:
-        mem_mb=500,
-        runtime=5,
+        mem_mb=scaled(500),
+        runtime=scaled(5),
     params:
+        code=code_version("tiny-tasks"),
         seed=config.get("seed", 42),
         n_train=lambda w: task_config(w.task).get("tiny", {}).get("n_train", 400),
         n_test=lambda w: task_config(w.task).get("tiny", {}).get("n_test", 60),
@@ -74,9 +75,10 @@ rule prepare_task:
     conda:
         "../../envs/ktflow.yaml"
     resources:
-        mem_mb=4000,
-        runtime=30,
+        mem_mb=scaled(4000),
+        runtime=scaled(30),
     params:
+        code=code_version("prepare-data"),
         spec=lambda w: as_json(
             {
                 "seed": config.get("seed", 42),

@@ -12,9 +12,10 @@ rule evaluate:
         "../../envs/ktflow.yaml"
     threads: config.get("evaluation", {}).get("workers", 1)
     resources:
-        mem_mb=2000,
-        runtime=30,
+        mem_mb=scaled(2000),
+        runtime=scaled(30),
     params:
+        code=code_version("evaluate"),
         kind=lambda w: task_config(w.task)["kind"],
         flavour=lambda w: (
             f"--flavour {config.get('evaluation', {}).get('flavour', 'paper')}"
@@ -46,9 +47,10 @@ rule tables:
     conda:
         "../../envs/ktflow.yaml"
     resources:
-        mem_mb=1000,
-        runtime=5,
+        mem_mb=scaled(1000),
+        runtime=scaled(5),
     params:
+        code=code_version("tables"),
         spec=tables_spec(),
         entries=metric_entries,
         outdir=lambda w, output: str(Path(output.generation).parent),

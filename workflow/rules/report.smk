@@ -29,9 +29,10 @@ rule report_tables:
     conda:
         "../../envs/ktflow.yaml"
     resources:
-        mem_mb=1000,
-        runtime=5,
+        mem_mb=scaled(1000),
+        runtime=scaled(5),
     params:
+        code=code_version("tables"),
         spec=tables_spec(),
         entries=metric_entries,
     shell:
@@ -59,9 +60,10 @@ rule plots:
     conda:
         "../../envs/ktflow.yaml"
     resources:
-        mem_mb=2000,
-        runtime=10,
+        mem_mb=scaled(2000),
+        runtime=scaled(10),
     params:
+        code=code_version("plots"),
         spec=tables_spec(),
         logs=" ".join(
             f"{m}:{t}={R(f'lora/{m}/{t}/adapter')}" for m in MODELS for t in TASKS

@@ -1,3 +1,6 @@
+from ktflow.infer.plan import infer_flags, infer_inputs
+
+
 rule convert_lora_sglang:
     input:
         adapter=R("lora/{model}/{task}/adapter"),
@@ -6,14 +9,14 @@ rule convert_lora_sglang:
         directory(R("lora/{model}/{task}/sglang")),
     log:
         R("logs/convert_lora_sglang/{model}/{task}.log"),
-    benchmark:
-        R("benchmarks/convert_lora_sglang/{model}/{task}.tsv")
+    cache: True
     conda:
         "../../envs/ktflow.yaml"
     resources:
-        mem_mb=4000,
-        runtime=30,
+        mem_mb=scaled(4000),
+        runtime=scaled(30),
     params:
+        code=code_version("convert-lora"),
         alpha=lambda w: effective_training(config, w.task).get("lora", {}).get("alpha"),
     shell:
         "ktflow convert-lora {input.adapter} {output} --base-model {input.base}"
@@ -22,15 +25,17 @@ rule convert_lora_sglang:
 
 rule infer:
     input:
+        # the adapter the backend loads (SGLang: the converted one) and KT's INT8 experts
+        unpack(lambda w: infer_inputs(config, w.model, w.task, w.variant)),
         model=R("models/{model}/bf16"),
         test=lambda w: task_files(w)["test"],
-        adapter=adapter_for,
     output:
-        R("predictions/{model}/{task}/{variant}.jsonl"),
+        predictions=R("predictions/{model}/{task}/{variant}.jsonl"),
+        # Declared so that the cache keeps it with the predictions it describes.
+        provenance=R("predictions/{model}/{task}/{variant}.provenance.json"),
     log:
         R("logs/infer/{model}/{task}/{variant}.log"),
-    benchmark:
-        R("benchmarks/infer/{model}/{task}/{variant}.tsv")
+    cache: True
     conda:
         "../../envs/ktflow.yaml"
     threads: THREADS
@@ -38,9 +43,11 @@ rule infer:
         mem_mb=lambda w, attempt: serve_memory_mb(w.model, attempt),
         runtime=lambda w, attempt: runtime_minutes(w.model, 120, attempt),
         gpu=lambda w: infer_gpus(w.model, w.task),
+        gpu_model=lambda w: gpu_model(infer_gpus(w.model, w.task)),
     params:
+        code=code_version("infer"),
         spec=lambda w: as_json(effective_inference(config, w.model, w.task)),
-        adapter=adapter_flag,
+        flags=lambda w: infer_flags(config, w.model, w.task, w.variant),
     shell:
-        "ktflow infer {input.model} {input.test} {output} {params.adapter}"
+        "ktflow infer {input.model} {input.test} {output.predictions} {params.flags}"
         " --spec {params.spec:q} > {log} 2>&1"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator
@@ -12,12 +13,24 @@ from typing import Any
 
 from ktflow.errors import KtflowInputError
 
+log = logging.getLogger(__name__)
+
+
+class InferenceError(RuntimeError):
+    """Generation failed for a reason other than bad input (server gone, repeated 5xx, timeouts)."""
+
+
+class ServerDied(InferenceError):
+    """A server ktflow launched exited; a restart (if configured) may continue the run."""
+
 
 @dataclass(frozen=True)
 class Request:
     id: str
     messages: list[dict[str, str]]
     label: str
+    # The LoRA adapter's served name, or None for the base model (servers pick it per request).
+    adapter: str | None = None
 
     @property
     def prompt(self) -> str:
@@ -41,13 +54,19 @@ class InferenceBackend(ABC):
 
     @abstractmethod
     def generate(self, requests: list[Request]) -> Iterator[tuple[Request, str]]:
-        """Yield (request, completion) pairs; order may differ from the input."""
+        """Yield (request, completion) pairs as they finish; order may differ from the input."""
+
+    def facts(self) -> dict[str, Any]:
+        """What provenance should record about how this backend ran (server command, restarts)."""
+        return {}
 
     def close(self) -> None:
         """Release models, servers and connections."""
 
 
-def requests_from_alpaca(path: Path, rows: list[dict[str, Any]], system: str | None = None) -> list[Request]:
+def requests_from_alpaca(
+    path: Path, rows: list[dict[str, Any]], system: str | None = None, adapter: str | None = None
+) -> list[Request]:
     """Prompt = instruction + newline + input, exactly as LLaMA-Factory's alpaca converter builds it."""
     requests: list[Request] = []
     seen: set[str] = set()
@@ -62,7 +81,7 @@ def requests_from_alpaca(path: Path, rows: list[dict[str, Any]], system: str | N
         messages = ([{"role": "system", "content": system}] if system else []) + [
             {"role": "user", "content": content}
         ]
-        requests.append(Request(id=row["id"], messages=messages, label=row["output"]))
+        requests.append(Request(id=row["id"], messages=messages, label=row["output"], adapter=adapter))
     return requests
 
 
@@ -70,14 +89,17 @@ class ResumableJsonl:
     """Rows land in ``<out>.partial`` as they finish; ``finish()`` renames it to ``<out>``.
 
     After a kill, the partial file tells which ids are done, so a rerun only asks for
-    the rest. A torn last line (killed mid-write) is dropped.
+    the rest. A torn last line (killed mid-write) is dropped. With a ``fingerprint``
+    (a digest of everything that shapes a prediction), rows written under another
+    fingerprint are discarded instead of being mixed into this run's output.
     """
 
-    def __init__(self, out: Path) -> None:
+    def __init__(self, out: Path, fingerprint: str | None = None) -> None:
         self.out = out
         self.partial = out.with_name(out.name + ".partial")
+        self.key_file = out.with_name(out.name + ".partial.key")
         self.done: dict[str, dict[str, Any]] = {}
-        if self.partial.is_file():
+        if self.partial.is_file() and self._same_run(fingerprint):
             for line in self.partial.read_text(encoding="utf-8").splitlines():
                 try:
                     row = json.loads(line)
@@ -85,11 +107,22 @@ class ResumableJsonl:
                     break
                 self.done[row["id"]] = row
         self.partial.parent.mkdir(parents=True, exist_ok=True)
+        if fingerprint is not None:
+            self.key_file.write_text(fingerprint + "\n", encoding="utf-8")
         # Rewrite only the complete rows so a torn tail never survives.
         with open(self.partial, "w", encoding="utf-8") as handle:
             for row in self.done.values():
                 handle.write(json.dumps(row, ensure_ascii=False) + "\n")
-        self._handle = open(self.partial, "a", encoding="utf-8")  # noqa: SIM115 - closed in finish()
+        self._handle = open(self.partial, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
+
+    def _same_run(self, fingerprint: str | None) -> bool:
+        if fingerprint is None:
+            return True
+        previous = self.key_file.read_text(encoding="utf-8").strip() if self.key_file.is_file() else None
+        if previous != fingerprint:
+            log.warning("%s was written with other settings; starting over", self.partial)
+            return False
+        return True
 
     def append(self, rows: Iterable[dict[str, Any]]) -> None:
         for row in rows:
@@ -98,14 +131,19 @@ class ResumableJsonl:
         self._handle.flush()
         os.fsync(self._handle.fileno())
 
+    def close(self) -> None:
+        if not self._handle.closed:
+            self._handle.close()
+
     def finish(self, order: list[str]) -> None:
-        self._handle.close()
+        self.close()
         missing = [key for key in order if key not in self.done]
         if missing:
-            raise RuntimeError(
+            raise InferenceError(
                 f"{self.out}: {len(missing)} rows have no prediction (first: {missing[0]}); left as .partial"
             )
         from ktflow.atomic import write_jsonl
 
         write_jsonl(self.out, [self.done[key] for key in order])
         self.partial.unlink()
+        self.key_file.unlink(missing_ok=True)

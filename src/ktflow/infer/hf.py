@@ -1,12 +1,19 @@
-"""In-process generation with transformers (+ PEFT for an adapter): batched, length-sorted, left-padded."""
+"""In-process generation with transformers (+ PEFT for an adapter): batched, length-sorted, left-padded.
+
+The adapter is merged into the base weights once (as LLaMA-Factory does for inference),
+so each decoding step runs plain linear layers instead of base + LoRA A/B per module.
+"""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from ktflow.infer.base import InferenceBackend, Request, Sampling
+
+log = logging.getLogger(__name__)
 
 DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
 
@@ -42,6 +49,10 @@ class HFInference(InferenceBackend):
             from peft import PeftModel
 
             model = PeftModel.from_pretrained(model, adapter_dir)
+            try:
+                model = model.merge_and_unload()
+            except (ValueError, NotImplementedError, RuntimeError) as error:
+                log.warning("cannot merge %s (%s); generating with the unmerged adapter", adapter_dir, error)
         self.model: Any = model.to(device).eval()
         self.device = device
         self.generated_tokens = 0

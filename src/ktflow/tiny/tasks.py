@@ -130,10 +130,70 @@ def corpus(seed: int = 0) -> list[str]:
     return texts
 
 
-def write_task(name: str, out_dir: Path, seed: int, n_train: int, n_test: int) -> None:
+# Preference data for the DPO / KTO stages, derived from a task's alpaca rows: the
+# reference answer is the preferred one, and each task knows a plausible wrong one.
+FORMATS = ("alpaca", "sharegpt", "pairwise", "kto")
+
+
+def style_rejected(row: dict[str, Any], rng: random.Random) -> str:
+    """The plain sentence echoed back: right content, wrong register."""
+    plain = str(row["input"])
+    return plain[0].upper() + plain[1:]
+
+
+def choice_rejected(row: dict[str, Any], rng: random.Random) -> str:
+    """A wrong option letter, drawn with the task's seeded RNG."""
+    return rng.choice([letter for letter in LETTERS if letter != row["output"]])
+
+
+REJECTED = {"style": style_rejected, "choice": choice_rejected}
+
+
+def derive(name: str, rows: list[dict[str, Any]], data_format: str, seed: int) -> list[dict[str, Any]]:
+    """``rows`` (alpaca, with ids) in ``data_format``; the same rows and seed give the same output.
+
+    pairwise: chosen = the reference, rejected = the task's wrong answer. kto: one row per
+    prompt, alternately the reference (``kto_tag`` true) and the wrong answer (false), so
+    desirable and undesirable examples are balanced.
+    """
+    if data_format == "alpaca":
+        return rows
+    if data_format == "sharegpt":
+        return [
+            {
+                "id": row["id"],
+                "conversations": [
+                    {
+                        "from": "human",
+                        "value": "\n".join(filter(None, (row["instruction"], row.get("input")))),
+                    },
+                    {"from": "gpt", "value": row["output"]},
+                ],
+            }
+            for row in rows
+        ]
+    rng = random.Random(seed + 2)
+    prompt = ("id", "instruction", "input")
+    derived: list[dict[str, Any]] = []
+    for index, row in enumerate(rows):
+        wrong = REJECTED[name](row, rng)
+        base = {key: row[key] for key in prompt if key in row}
+        if data_format == "pairwise":
+            derived.append({**base, "chosen": row["output"], "rejected": wrong})
+        elif data_format == "kto":
+            desirable = index % 2 == 0
+            derived.append({**base, "output": row["output"] if desirable else wrong, "kto_tag": desirable})
+        else:
+            raise ValueError(f"unknown data format {data_format!r} (one of {FORMATS})")
+    return derived
+
+
+def write_task(
+    name: str, out_dir: Path, seed: int, n_train: int, n_test: int, data_format: str = "alpaca"
+) -> None:
     _, builder = TASKS[name]
     train, test = builder(seed, n_train, n_test)
-    write_json(out_dir / "train.json", train)
+    write_json(out_dir / "train.json", derive(name, train, data_format, seed))
     write_json(out_dir / "test.json", test)
 
 
@@ -143,12 +203,26 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--n-train", type=int, default=400)
     parser.add_argument("--n-test", type=int, default=60)
+    parser.add_argument(
+        "--format", choices=FORMATS, default="alpaca", help="format of train.json (test.json stays alpaca)"
+    )
+    parser.add_argument(
+        "--from", dest="source", type=Path, metavar="TRAIN.json",
+        help="derive OUT_DIR/train.json in --format from this alpaca train file of the task (no test.json)",
+    )  # fmt: skip
 
 
 def main(args: argparse.Namespace) -> int:
     from ktflow.provenance import recorded
+    from ktflow.train.datasets import load_rows
 
-    subset = {"task": args.task, "seed": args.seed, "n_train": args.n_train, "n_test": args.n_test}
+    subset = {"task": args.task, "seed": args.seed, "format": args.format}
+    if args.source is not None:
+        with recorded(args.out_dir / "provenance.json", "tiny-tasks", subset, [args.source]):
+            rows = derive(args.task, load_rows(args.source), args.format, args.seed)
+            write_json(args.out_dir / "train.json", rows)
+        return 0
+    subset.update(n_train=args.n_train, n_test=args.n_test)
     with recorded(args.out_dir / "provenance.json", "tiny-tasks", subset, []):
-        write_task(args.task, args.out_dir, args.seed, args.n_train, args.n_test)
+        write_task(args.task, args.out_dir, args.seed, args.n_train, args.n_test, args.format)
     return 0

@@ -1,167 +1,123 @@
 """Training backends: how one ``TrainSpec`` becomes a LLaMA-Factory YAML and a command.
 
-- ``hf``: upstream LLaMA-Factory on transformers + PEFT (CPU or GPU).
-- ``kt``: KTransformers experts on the CPU (AMX), LLaMA-Factory >= 0.9.5 keys,
-  launched with ``accelerate launch`` and an FSDP2-KT accelerate config.
-- ``kt-legacy``: ktransformers 0.4.x with ``kt_optimize_rule`` / ``cpu_infer``.
-- ``unsloth``: LLaMA-Factory's ``use_unsloth`` (GPU only).
+- ``hf``: upstream LLaMA-Factory on transformers + PEFT (CPU or GPU; torchrun over
+  several GPUs).
+- ``unsloth``: LLaMA-Factory's ``use_unsloth`` (one CUDA GPU).
+- ``kt``: KTransformers experts on the CPU, in whichever YAML generation the training
+  environment has (:mod:`ktflow.train.kt`); ``kt-legacy`` forces the legacy one.
+
+Every backend starts LLaMA-Factory through :mod:`ktflow.train.launch` with the backend
+environment's interpreter, so the GPU-memory callback runs inside the training process.
+Keys ktflow does not model (``llamafactory_args``) are applied last and win, so any
+LLaMA-Factory YAML can be reproduced.
 """
 
 from __future__ import annotations
 
-import os
-import sys
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any, ClassVar
 
-from ktflow.errors import HardwareError
+from ktflow.train.env import EnvReport
+from ktflow.train.kt import accelerate_config, check_keys, generation_for
 from ktflow.train.spec import TrainSpec
 
-
-def cuda_available() -> bool:
-    try:
-        import torch
-    except ImportError:
-        return False
-    return bool(torch.cuda.is_available())
+LAUNCH = ("-m", "ktflow.train.launch", "train")
 
 
 class TrainingBackend(ABC):
     name: ClassVar[str]
 
     @abstractmethod
-    def render(self, spec: TrainSpec) -> dict[str, Any]:
-        """The complete LLaMA-Factory YAML for this backend."""
+    def base_args(self, spec: TrainSpec, env: EnvReport) -> dict[str, Any]:
+        """This backend's YAML before the pass-through keys."""
 
     @abstractmethod
-    def command(self, spec: TrainSpec, yaml_path: Path) -> list[str]:
-        """The process to run (the rendered YAML is its last argument)."""
+    def command(self, spec: TrainSpec, env: EnvReport, yaml_path: Path) -> list[str]:
+        """The process to run (``env.executable`` is the training interpreter)."""
 
-    def environment(self, spec: TrainSpec) -> dict[str, str]:
+    def render(self, spec: TrainSpec, env: EnvReport) -> dict[str, Any]:
+        """The complete LLaMA-Factory YAML for ``spec`` in the environment ``env``."""
+        return {**self.base_args(spec, env), **spec.llamafactory_args}
+
+    def environment(self, spec: TrainSpec, env: EnvReport) -> dict[str, str]:
         return {}
 
-    def check_host(self, spec: TrainSpec) -> None:
-        """Raise HardwareError before any work if this host cannot run the backend."""
+    def extra_files(self, spec: TrainSpec, env: EnvReport) -> dict[str, dict[str, Any]]:
+        """YAML files the command reads besides the training YAML, by name (written beside it)."""
+        return {}
 
-    def _with_passthrough(self, spec: TrainSpec, args: dict[str, Any]) -> dict[str, Any]:
-        # Keys ktflow does not model win last, so any LLaMA-Factory YAML can be reproduced.
-        return {**args, **spec.llamafactory_args}
+    def label(self, spec: TrainSpec, env: EnvReport) -> str:
+        """The name ``ktflow doctor`` checks this run under."""
+        return self.name
 
 
 class HFBackend(TrainingBackend):
     name = "hf"
 
-    def render(self, spec: TrainSpec) -> dict[str, Any]:
+    def base_args(self, spec: TrainSpec, env: EnvReport) -> dict[str, Any]:
         args = spec.llamafactory_yaml()
-        if not cuda_available():
+        if not env.gpus:
             # LLaMA-Factory needs use_cpu for bf16 on CPU; on CPU we always set it.
             args["use_cpu"] = True
-        return self._with_passthrough(spec, args)
+        return args
 
-    def command(self, spec: TrainSpec, yaml_path: Path) -> list[str]:
-        return [sys.executable, "-m", "ktflow.lf_launch", "train", str(yaml_path)]
+    def command(self, spec: TrainSpec, env: EnvReport, yaml_path: Path) -> list[str]:
+        if len(env.gpus) > 1:
+            # LLaMA-Factory refuses DataParallel; its own launcher would re-exec itself under
+            # torchrun without our callback, so ktflow starts torchrun itself.
+            run = [env.executable, "-m", "torch.distributed.run", f"--nproc_per_node={len(env.gpus)}"]
+            return [*run, *LAUNCH, str(yaml_path)]
+        return [env.executable, *LAUNCH, str(yaml_path)]
 
 
-class UnslothBackend(HFBackend):
+class UnslothBackend(TrainingBackend):
     name = "unsloth"
 
-    def render(self, spec: TrainSpec) -> dict[str, Any]:
-        return self._with_passthrough(spec, {**spec.llamafactory_yaml(), "use_unsloth": True})
+    def base_args(self, spec: TrainSpec, env: EnvReport) -> dict[str, Any]:
+        return {**spec.llamafactory_yaml(), "use_unsloth": True}
 
-    def check_host(self, spec: TrainSpec) -> None:
-        if not cuda_available():
-            raise HardwareError("the unsloth backend needs a CUDA GPU; this host has none (use backend: hf)")
+    def command(self, spec: TrainSpec, env: EnvReport, yaml_path: Path) -> list[str]:
+        return [env.executable, *LAUNCH, str(yaml_path)]
 
-
-def _require_kt_cpu() -> None:
-    from ktflow.cpuinfo import has_amx, has_avx512
-
-    if not has_avx512():
-        raise HardwareError(
-            "the KT backend needs a CPU with AVX512F+AVX512BW (AMX for the AMX kernels); "
-            "this CPU has neither (run `ktflow doctor --backend kt`, or use backend: hf)"
-        )
-    if not has_amx():
-        print("ktflow: warning: no AMX on this CPU; KT falls back to its AVX512 kernels", file=sys.stderr)
+    def environment(self, spec: TrainSpec, env: EnvReport) -> dict[str, str]:
+        # Unsloth trains on one GPU; pin it so a multi-GPU allocation does not trip it.
+        return {"CUDA_VISIBLE_DEVICES": "0"} if len(env.gpus) > 1 else {}
 
 
 class KTBackend(TrainingBackend):
-    """LLaMA-Factory >= 0.9.5 with kt-kernel >= 0.6.1 (``use_kt`` + accelerate FSDP2-KT)."""
-
     name = "kt"
-    # The keys LLaMA-Factory 0.9.5's KTransformersArguments accepts (hparams/model_args.py).
-    MODEL_KEYS: ClassVar[tuple[str, ...]] = (
-        "kt_weight_path",
-        "kt_expert_checkpoint_path",
-        "kt_use_lora_experts",
-        "kt_lora_expert_num",
-        "kt_lora_expert_intermediate_size",
-    )
 
-    def render(self, spec: TrainSpec) -> dict[str, Any]:
-        args = spec.llamafactory_yaml()
-        args["use_kt"] = True
-        args["bf16"] = True
-        for key in self.MODEL_KEYS:
-            if spec.kt.get(key) is not None:
-                args[key] = spec.kt[key]
-        if "kt_weight_path" not in args and "kt_expert_checkpoint_path" not in args:
-            # Online conversion from the BF16 checkpoint when no pre-quantized weights are named.
-            args["kt_expert_checkpoint_path"] = str(spec.model_dir)
-        return self._with_passthrough(spec, args)
+    def base_args(self, spec: TrainSpec, env: EnvReport) -> dict[str, Any]:
+        check_keys(spec.kt)
+        return generation_for(spec, env).render(spec, spec.llamafactory_yaml())
 
-    def command(self, spec: TrainSpec, yaml_path: Path) -> list[str]:
-        accelerate_config = spec.kt.get("accelerate_config")
-        launch = [sys.executable, "-m", "accelerate.commands.launch"]
-        if accelerate_config:
-            launch += ["--config_file", str(accelerate_config)]
-        return [*launch, "-m", "ktflow.lf_launch", "train", str(yaml_path)]
+    def command(self, spec: TrainSpec, env: EnvReport, yaml_path: Path) -> list[str]:
+        accelerate_yaml = Path(spec.kt.get("accelerate_config") or yaml_path.parent / "accelerate_kt.yaml")
+        return generation_for(spec, env).command(env.executable, yaml_path, accelerate_yaml)
 
-    def environment(self, spec: TrainSpec) -> dict[str, str]:
-        env = {"ACCELERATE_USE_KT": "true"}
+    def extra_files(self, spec: TrainSpec, env: EnvReport) -> dict[str, dict[str, Any]]:
+        generation = generation_for(spec, env)
+        if generation.name != "current" or spec.kt.get("accelerate_config"):
+            return {}
+        return {"accelerate_kt.yaml": accelerate_config(generation.gpu_processes(spec, env))}
+
+    def environment(self, spec: TrainSpec, env: EnvReport) -> dict[str, str]:
+        variables = generation_for(spec, env).environment()
         if spec.kt.get("num_threads"):
-            env["KT_NUM_THREADS"] = str(spec.kt["num_threads"])
-        return env
+            # kt-kernel sizes its CPU tensor pool from this (kt_kernel.sft.config.configure_omp_threads).
+            variables["ACCELERATE_KT_OMP_NUM_THREADS"] = str(spec.kt["num_threads"])
+        return variables
 
-    def check_host(self, spec: TrainSpec) -> None:
-        _require_kt_cpu()
-        if not cuda_available():
-            raise HardwareError(
-                "the KT backend needs a CUDA GPU for the non-expert layers; this host has none"
-            )
-
-
-class KTLegacyBackend(TrainingBackend):
-    """ktransformers 0.4.x with LLaMA-Factory <= 0.9.4 (``USE_KT=1``, optimize rules)."""
-
-    name = "kt-legacy"
-
-    def render(self, spec: TrainSpec) -> dict[str, Any]:
-        args = spec.llamafactory_yaml()
-        args.update(
-            {
-                "use_kt": True,
-                "kt_optimize_rule": str(spec.kt.get("optimize_rule", "")),
-                "cpu_infer": int(spec.kt.get("cpu_infer", os.cpu_count() or 1)),
-                "chunk_size": int(spec.kt.get("chunk_size", 8192)),
-                "bf16": True,
-            }
-        )
-        return self._with_passthrough(spec, args)
-
-    def command(self, spec: TrainSpec, yaml_path: Path) -> list[str]:
-        return [sys.executable, "-m", "ktflow.lf_launch", "train", str(yaml_path)]
-
-    def environment(self, spec: TrainSpec) -> dict[str, str]:
-        return {"USE_KT": "1"}
-
-    def check_host(self, spec: TrainSpec) -> None:
-        _require_kt_cpu()
+    def label(self, spec: TrainSpec, env: EnvReport) -> str:
+        return "kt-legacy" if generation_for(spec, env).name == "legacy" else "kt"
 
 
 BACKENDS: dict[str, type[TrainingBackend]] = {
-    cls.name: cls for cls in (HFBackend, UnslothBackend, KTBackend, KTLegacyBackend)
+    "hf": HFBackend,
+    "unsloth": UnslothBackend,
+    "kt": KTBackend,
+    "kt-legacy": KTBackend,  # kt with the legacy generation forced (TrainSpec.backend says which)
 }
 
 

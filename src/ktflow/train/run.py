@@ -3,12 +3,16 @@
 LLaMA-Factory writes into a work directory that is *not* a Snakemake output (Snakemake
 deletes declared outputs before a job starts), so checkpoints survive a kill and a
 rerun resumes from the newest one when the rendered YAML is unchanged. Only when
-training finishes is the adapter copied, atomically, into the declared output.
+training finishes is the adapter copied, atomically, into the declared output, with
+``train_metrics.json`` (tokens/s, step time, peak host RSS, peak GPU memory) and the
+loss curve beside it.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import hashlib
 import json
 import os
 import resource
@@ -22,23 +26,26 @@ from typing import Any
 import yaml
 
 from ktflow.atomic import atomic_dir, sha256_file, write_json, write_text
-from ktflow.errors import KtflowInputError
+from ktflow.errors import HardwareError, KtflowInputError
+from ktflow.fetch import validate_snapshot
 from ktflow.provenance import recorded
-from ktflow.train.backends import BACKENDS, backend_for
-from ktflow.train.datasets import FORMATS, check_rows, load_rows, write_dataset_info
-from ktflow.train.spec import STAGE_FORMATS, TrainSpec
+from ktflow.train.backends import backend_for
+from ktflow.train.datasets import HUB_PREFIX, check_rows, dataset_entry, load_rows, write_dataset_info
+from ktflow.train.env import EnvReport, inspect_env, python_for
+from ktflow.train.launch import GPU_PEAK_GLOB
+from ktflow.train.spec import TrainSpec
 
-# What LLaMA-Factory leaves that is worth keeping next to the adapter.
+# What LLaMA-Factory leaves that is worth keeping next to the adapter (plus training_*.png).
 PUBLISHED = (
     "adapter_model.safetensors",
     "adapter_config.json",
     "fused_expert_lora.safetensors",
     "kt_adapter_manifest.json",
     "trainer_log.jsonl",
-    "training_loss.png",
     "all_results.json",
     "train_results.json",
 )
+MB = 1 << 20
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
@@ -50,7 +57,7 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 def prepare_run_dir(run_dir: Path, rendered: str) -> Path | None:
     """Keep checkpoints only if they were made by the same YAML; return the one to resume."""
     stamp = run_dir / "ktflow-yaml.sha256"
-    digest = __import__("hashlib").sha256(rendered.encode()).hexdigest()
+    digest = hashlib.sha256(rendered.encode()).hexdigest()
     if run_dir.exists() and (not stamp.is_file() or stamp.read_text().strip() != digest):
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -58,13 +65,24 @@ def prepare_run_dir(run_dir: Path, rendered: str) -> Path | None:
     return latest_checkpoint(run_dir)
 
 
+def gpu_metrics(run_dir: Path) -> dict[str, Any]:
+    """Peak GPU memory over the ranks' records (None on CPU-only runs)."""
+    ranks = [json.loads(p.read_text()) for p in sorted(run_dir.glob(GPU_PEAK_GLOB))]
+
+    def peak(key: str) -> float | None:
+        values = [r[key] for r in ranks if r.get(key) is not None]
+        return round(max(values) / MB, 1) if values else None
+
+    return {
+        "gpu_peak_allocated_mb": peak("max_allocated_bytes"),
+        "gpu_peak_reserved_mb": peak("max_reserved_bytes"),
+        "gpu_ranks": ranks,
+    }
+
+
 def training_metrics(run_dir: Path, wall_seconds: float, peak_rss_bytes: int) -> dict[str, Any]:
-    results = (
-        json.loads((run_dir / "all_results.json").read_text())
-        if (run_dir / "all_results.json").is_file()
-        else {}
-    )
-    state_path = run_dir / "trainer_state.json"
+    results_path, state_path = run_dir / "all_results.json", run_dir / "trainer_state.json"
+    results = json.loads(results_path.read_text()) if results_path.is_file() else {}
     history = json.loads(state_path.read_text()).get("log_history", []) if state_path.is_file() else []
     tokens = max((entry.get("num_input_tokens_seen", 0) for entry in history), default=0)
     runtime = float(results.get("train_runtime", wall_seconds))
@@ -77,102 +95,146 @@ def training_metrics(run_dir: Path, wall_seconds: float, peak_rss_bytes: int) ->
         "steps": steps,
         "step_time_s": round(runtime / steps, 4) if steps else None,
         "train_loss": results.get("train_loss"),
-        "peak_host_rss_mb": round(peak_rss_bytes / 2**20, 1),
+        "peak_host_rss_mb": round(peak_rss_bytes / MB, 1),
+        **gpu_metrics(run_dir),
     }
 
 
-def run_training(spec: TrainSpec, out_dir: Path, log: Path | None = None) -> dict[str, Any]:
+def preflight(spec: TrainSpec, env: EnvReport, results_dir: Path) -> str:
+    """Doctor's verdict for this run; HardwareError (before any work) if it cannot run here."""
+    from ktflow.doctor import check_backend, collect_host, verdict
+    from ktflow.estimate import Requirements, estimate_requirements, read_model_config
+
+    requirements: Requirements | None = None
+    # An architecture without an estimate (a dense model) gets the host checks only.
+    with contextlib.suppress(KtflowInputError):
+        requirements = estimate_requirements(
+            read_model_config(spec.model_dir),
+            source=spec.model_dir / "config.json",
+            lora_rank=spec.lora_rank,
+            seq_len=spec.cutoff_len,
+            batch_size=spec.batch_size,
+            hf_weight_bytes=2 if spec.bf16 else 4,
+        )
+    label = backend_for(spec.backend).label(spec, env)
+    problems = check_backend(collect_host(results_dir, env), label, requirements)
+    line = verdict(label, problems)
+    if any(p.severity == "error" for p in problems):
+        raise HardwareError(f"{line} (see `ktflow doctor --backend {label}`)")
+    return line
+
+
+def render(spec: TrainSpec, env: EnvReport, work: Path) -> tuple[dict[str, Any], Path]:
+    """Write the training YAML (and the files its command reads) into ``work``."""
     backend = backend_for(spec.backend)
-    backend.check_host(spec)
-    work = spec.output_dir.parent
-    rendered = backend.render(spec)
-    text = yaml.safe_dump(rendered, sort_keys=True)
-    checkpoint = prepare_run_dir(spec.output_dir, text)
-    if checkpoint is not None:
-        rendered["resume_from_checkpoint"] = str(checkpoint)
-        print(f"ktflow train: resuming from {checkpoint}", file=sys.stderr)
+    rendered = backend.render(spec, env)
+    for name, content in backend.extra_files(spec, env).items():
+        write_text(work / name, yaml.safe_dump(content, sort_keys=True))
     yaml_path = work / "llamafactory.yaml"
     write_text(yaml_path, yaml.safe_dump(rendered, sort_keys=True))
-    env = {**os.environ, **backend.environment(spec), "PYTHONUNBUFFERED": "1"}
+    return rendered, yaml_path
+
+
+def run_training(spec: TrainSpec, env: EnvReport, out_dir: Path) -> dict[str, Any]:
+    backend = backend_for(spec.backend)
+    work = spec.output_dir.parent
+    rendered, yaml_path = render(spec, env, work)
+    checkpoint = prepare_run_dir(spec.output_dir, yaml_path.read_text())
+    if checkpoint is not None:
+        rendered["resume_from_checkpoint"] = str(checkpoint)
+        write_text(yaml_path, yaml.safe_dump(rendered, sort_keys=True))
+        print(f"ktflow train: resuming from {checkpoint}", file=sys.stderr)
+    child_env = {**os.environ, **backend.environment(spec, env), "PYTHONUNBUFFERED": "1"}
     start = time.perf_counter()
-    completed = subprocess.run(backend.command(spec, yaml_path), env=env, check=False)
+    completed = subprocess.run(backend.command(spec, env, yaml_path), env=child_env, check=False)
     wall = time.perf_counter() - start
     if completed.returncode != 0:
         raise RuntimeError(f"LLaMA-Factory training failed (exit {completed.returncode}); see the log above")
-    # ru_maxrss is in KiB on Linux and covers the largest finished child.
+    # ru_maxrss is in KiB on Linux and covers the largest finished descendant.
     peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
     metrics = training_metrics(spec.output_dir, wall, peak)
+    metrics.update(backend=backend.label(spec, env), stage=spec.stage, python=env.executable)
     with atomic_dir(out_dir) as tmp:
-        for name in PUBLISHED:
+        names = [*PUBLISHED, *(p.name for p in spec.output_dir.glob("training_*.png"))]
+        for name in names:
             if (spec.output_dir / name).is_file():
                 shutil.copy2(spec.output_dir / name, tmp / name)
         if not (tmp / "adapter_model.safetensors").is_file():
             raise RuntimeError(f"{spec.output_dir}: LLaMA-Factory finished without adapter_model.safetensors")
-        shutil.copy2(yaml_path, tmp / "llamafactory.yaml")
+        for path in work.glob("*.yaml"):
+            shutil.copy2(path, tmp / path.name)
         write_json(tmp / "train_metrics.json", metrics)
     return metrics
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model_dir", type=Path, help="BF16 base model directory")
-    parser.add_argument("train_file", type=Path, help="training data (JSON list or JSONL)")
+    parser.add_argument(
+        "train_file", help=f"training data: a JSON list or JSONL file, or {HUB_PREFIX}<repo> (hub data set)"
+    )
     parser.add_argument("out_dir", type=Path, help="where the finished adapter is published")
     parser.add_argument(
         "--work-dir", type=Path, required=True, help="LLaMA-Factory output_dir parent (checkpoints)"
     )
     parser.add_argument("--dataset-name", default="train")
-    parser.add_argument("--spec", required=True, help="JSON of the config's training block")
-    parser.add_argument("--render-only", action="store_true", help="write the YAML and stop")
+    parser.add_argument("--spec", required=True, help="JSON of the task's effective training block")
+    parser.add_argument("--results-dir", type=Path, default=Path("results"), help="for doctor's disk check")
+    parser.add_argument("--render-only", action="store_true", help="write the YAMLs, then stop")
 
 
-def parse_spec(args: argparse.Namespace) -> tuple[TrainSpec, str]:
+def parse_spec(args: argparse.Namespace) -> TrainSpec:
     try:
         training = json.loads(args.spec)
     except json.JSONDecodeError as error:
         raise KtflowInputError("--spec", None, f"invalid JSON ({error.msg})") from error
-    data_format = training.get("format", "alpaca")
-    stage = training.get("stage", "sft")
-    if stage not in STAGE_FORMATS:
-        raise KtflowInputError(
-            "config", "training.stage", f"unknown stage {stage!r}; use one of {sorted(STAGE_FORMATS)}"
-        )
-    if data_format not in STAGE_FORMATS[stage]:
-        raise KtflowInputError(
-            args.train_file,
-            "format",
-            f"stage {stage} needs data in {STAGE_FORMATS[stage]}, got {data_format!r}",
-        )
-    if training.get("backend", "hf") not in BACKENDS:
-        raise KtflowInputError(
-            "config", "training.backend", f"unknown backend; use one of {sorted(BACKENDS)}"
-        )
-    spec = TrainSpec.from_config(
-        {k: v for k, v in training.items() if k != "format"},
+    if not isinstance(training, dict):
+        raise KtflowInputError("--spec", None, "expected a JSON object (the training block)")
+    return TrainSpec.from_config(
+        training,
         model_dir=args.model_dir.resolve(),
         dataset_dir=(args.work_dir / "data").resolve(),
         dataset=args.dataset_name,
         output_dir=(args.work_dir / "run").resolve(),
     )
-    return spec, data_format
+
+
+def check_data(spec: TrainSpec, location: str) -> dict[str, Any]:
+    """The dataset_info entry for ``location``, after checking a local file's rows."""
+    source = spec.data_source
+    hub = location.startswith(HUB_PREFIX)
+    wanted = source.get("hf_hub_url") if hub else source.get("file")
+    given = location.removeprefix(HUB_PREFIX)
+    same = wanted == given if hub else wanted is not None and Path(wanted).resolve() == Path(given).resolve()
+    if wanted is not None and not same:
+        message = f"names {wanted!r} but the data given is {location!r}"
+        raise KtflowInputError("config", "training.dataset", message)
+    entry = dataset_entry(location, spec.data_format, source)
+    if not hub:
+        check_rows(Path(location), load_rows(Path(location)), spec.data_format, entry)
+    return entry
 
 
 def main(args: argparse.Namespace) -> int:
-    spec, data_format = parse_spec(args)
-    if data_format not in FORMATS:
-        raise KtflowInputError(args.train_file, "format", f"unknown data format {data_format!r}")
-    check_rows(args.train_file, load_rows(args.train_file), data_format)
-    if not (args.model_dir / "config.json").is_file():
-        raise KtflowInputError(args.model_dir / "config.json", None, "base model has no config.json")
-    write_dataset_info(spec.dataset_dir, spec.dataset, args.train_file, data_format)
+    spec = parse_spec(args)
+    entry = check_data(spec, args.train_file)
+    # safetensors weights and a readable config.json only: pickled weights never reach torch.load.
+    validate_snapshot(args.model_dir)
+    from ktflow.doctor import PACKAGES
+
+    env = inspect_env(python_for(spec.python, spec.backend), PACKAGES)
+    write_dataset_info(spec.dataset_dir, spec.dataset, entry)
     if args.render_only:
-        write_text(
-            args.work_dir / "llamafactory.yaml", yaml.safe_dump(backend_for(spec.backend).render(spec))
-        )
+        render(spec, env, args.work_dir)
         return 0
+    verdict_line = preflight(spec, env, args.results_dir)
     subset = json.loads(args.spec)
-    inputs: list[str | Path] = [args.train_file, *sorted(args.model_dir.glob("*.json"))]
+    local = not args.train_file.startswith(HUB_PREFIX)
+    inputs: list[str | Path] = sorted(args.model_dir.glob("*.json"))
+    if local:
+        inputs.append(Path(args.train_file))
     with recorded(args.work_dir / "provenance.json", "train", subset, inputs) as extra:
-        extra.update(run_training(spec, args.out_dir))
-        extra["data_sha256"] = sha256_file(args.train_file)
+        extra.update(run_training(spec, env, args.out_dir))
+        extra["doctor"] = verdict_line
+        extra["data"] = sha256_file(args.train_file) if local else args.train_file
     shutil.copy2(args.work_dir / "provenance.json", args.out_dir / "provenance.json")
     return 0

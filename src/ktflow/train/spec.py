@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ktflow.errors import KtflowInputError
+
+# Each stage with the data formats it trains on; the first is the default.
 STAGE_FORMATS = {"sft": ("alpaca", "sharegpt"), "dpo": ("pairwise",), "kto": ("kto",)}
+BACKEND_NAMES = ("hf", "kt", "kt-legacy", "unsloth")
+
+
+def default_format(stage: str) -> str:
+    return STAGE_FORMATS[stage][0]
 
 
 @dataclass(frozen=True)
@@ -19,6 +28,7 @@ class TrainSpec:
     output_dir: Path
     stage: str = "sft"
     backend: str = "hf"
+    data_format: str = "alpaca"
     template: str | None = None
     lora_rank: int = 8
     lora_alpha: int = 16
@@ -38,14 +48,42 @@ class TrainSpec:
     max_samples: int | None = None
     pref_beta: float = 0.1
     trust_remote_code: bool = False
+    # training.dataset: where the data comes from beyond the task's own train file (a JSON /
+    # JSONL file or a hub data set) and any dataset_info.json settings (columns, tags, split).
+    data_source: dict[str, Any] = field(default_factory=dict)
+    # training.python: {backend: interpreter or venv} for environments without conda.
+    python: dict[str, str] = field(default_factory=dict)
     kt: dict[str, Any] = field(default_factory=dict)
     llamafactory_args: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def from_config(cls, training: dict[str, Any], **paths: Any) -> TrainSpec:
-        lora = training.get("lora", {})
-        flat = {key: value for key, value in training.items() if key not in ("lora", "formats")}
-        flat.update({f"lora_{key}": value for key, value in lora.items()})
+        """Build from the config's ``training`` block; unknown keys name the config field."""
+        stage = training.get("stage", "sft")
+        if stage not in STAGE_FORMATS:
+            message = f"unknown stage {stage!r}; use one of {list(STAGE_FORMATS)}"
+            raise KtflowInputError("config", "training.stage", message)
+        backend = training.get("backend", "hf")
+        if backend not in BACKEND_NAMES:
+            raise KtflowInputError(
+                "config", "training.backend", f"unknown backend {backend!r}; use one of {list(BACKEND_NAMES)}"
+            )
+        data_format = training.get("format") or default_format(stage)
+        if data_format not in STAGE_FORMATS[stage]:
+            raise KtflowInputError(
+                "config",
+                "training.format",
+                f"stage {stage} needs data in {list(STAGE_FORMATS[stage])}, got {data_format!r}",
+            )
+        renamed = {"format": "data_format", "dataset": "data_source"}
+        flat = {renamed.get(k, k): v for k, v in training.items() if k not in ("lora", "formats")}
+        flat["data_format"] = data_format
+        flat.update({f"lora_{key}": value for key, value in (training.get("lora") or {}).items()})
+        known = {f.name for f in dataclasses.fields(cls)} - set(paths)
+        for key in flat:
+            if key not in known:
+                original = next((k for k, v in renamed.items() if v == key), key)
+                raise KtflowInputError("config", f"training.{original}", "unknown training setting")
         return cls(**paths, **flat)
 
     def llamafactory_yaml(self) -> dict[str, Any]:
