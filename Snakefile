@@ -1,5 +1,5 @@
 # ktflow: KTransformers x LLaMA-Factory LoRA fine-tuning as one reproducible DAG.
-from snakemake.utils import min_version, validate
+from snakemake.utils import min_version
 
 min_version("9.27")
 
@@ -7,9 +7,8 @@ min_version("9.27")
 configfile: "config/config.yaml"
 
 
-validate(config, "workflow/schemas/config.schema.yaml")
-
-
+# common.smk validates the config against workflow/schemas/config.schema.yaml (JSON Schema
+# 2020-12) and the cross-field rules, with one error line naming the file and the key.
 include: "workflow/rules/common.smk"
 include: "workflow/rules/model.smk"
 include: "workflow/rules/data.smk"

@@ -484,22 +484,6 @@ def dpo_file_task(workdir: Path) -> dict[str, Any]:
     }
 
 
-SCHEMA_XFAIL = (
-    "Snakemake's own validate() reports schema errors in several lines without the config file name. "
-    "Fix: in Snakefile drop `validate(config, ...)` and its import; in workflow/rules/common.smk call "
-    "check_config(config, <configfile>, "
-    "schema=Path(workflow.basedir) / 'workflow/schemas/config.schema.yaml'), "
-    "which validates, fills the defaults and names file and key in one line"
-)
-
-
-PLAN_XFAIL = (
-    "the training-data check names the literal 'config' instead of the config file. Fix: "
-    "ktflow.train.plan.check_training(config, config_path) passing config_path on to train_data's "
-    "KtflowInputError, and workflow/rules/train.smk calling it with workflow.configfiles[-1]"
-)
-
-
 @dataclass(frozen=True)
 class ConfigCase:
     """Settings (dotted key -> value, None deletes, a callable builds it in the workdir) and the key named."""
@@ -507,7 +491,6 @@ class ConfigCase:
     edits: dict[str, Any]
     key: str
     schema_level: bool = False
-    xfail: str | None = None
 
     def apply(self, config: dict[str, Any], workdir: Path) -> None:
         for dotted, value in self.edits.items():
@@ -534,12 +517,14 @@ CONFIG_CASES = {
     "config-missing-dataset-file": ConfigCase({"tasks.style": file_task}, "tasks.style.test_file"),
     "config-undefined-task": ConfigCase({"experiments.tasks": ["style", "essay"]}, "experiments.tasks"),
     "config-task-listed-twice": ConfigCase({"experiments.tasks": ["style", "style"]}, "experiments.tasks"),
-    "config-stage-format-mismatch": ConfigCase({"training.stage": "dpo"}, "training.format"),
+    "config-stage-format-mismatch": ConfigCase(
+        {"training.stage": "dpo", "training.format": "alpaca"}, "training.format"
+    ),
     "config-task-stage-format-mismatch": ConfigCase(
-        {"tasks.choice.training": {"stage": "kto"}}, "tasks.choice.training.format"
+        {"tasks.choice.training": {"stage": "kto", "format": "sharegpt"}}, "tasks.choice.training.format"
     ),
     "config-stage-data-the-task-cannot-give": ConfigCase(
-        {"tasks.style": dpo_file_task}, "tasks.style.training.dataset", xfail=PLAN_XFAIL
+        {"tasks.style": dpo_file_task}, "tasks.style.training.dataset"
     ),
     "config-local-model-missing": ConfigCase(
         {"models.tiny-v3": {"source": "local", "path": "no/such/model"}}, "models.tiny-v3.path"
@@ -557,13 +542,7 @@ CONFIG_CASES = {
 
 
 def config_params() -> list[Any]:
-    params = []
-    for name, bad in CONFIG_CASES.items():
-        reason = SCHEMA_XFAIL if bad.schema_level else bad.xfail
-        params.append(
-            pytest.param(name, marks=[pytest.mark.xfail(strict=True, reason=reason)] if reason else [])
-        )
-    return params
+    return list(CONFIG_CASES)
 
 
 @pytest.mark.parametrize("name", config_params())

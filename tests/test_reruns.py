@@ -116,14 +116,17 @@ def test_a_change_plans_exactly_the_steps_it_reaches(finished: Path, tmp_path: P
 @pytest.mark.slow
 def test_a_real_rerun_runs_exactly_the_planned_steps_then_nothing(finished: Path, tmp_path: Path) -> None:
     work = copy_of(finished, tmp_path)
-    old, new, expected = CASES["evaluation setting"]
-    edit(work, old, new)
+    edit(work, "  flavour: paper\n  workers: 2\n", "  flavour: paper\n  workers: 1\n")  # every evaluate job
+    expected = jobs("evaluate", "metrics/{model}/{task}/{variant}.json") | AGGREGATES
     assert ran(snakemake(work, "-n", "--cache")) == expected
     assert ran(snakemake(work, "--cache")) == expected
     record = json.loads((work / "results/metrics/tiny-v3/style/lora.provenance.json").read_text())
-    assert record["config"]["flavour"] == "standard"
-    untouched = "results/metrics/tiny-v3/choice/lora.provenance.json"  # its start and end times
+    assert record["config"]["workers"] == 1
+    untouched = "results/predictions/tiny-v3/style/lora.provenance.json"  # with its start and end times
     assert (work / untouched).read_text() == (finished / untouched).read_text()
+    for table in ("generation.csv", "accuracy.csv"):  # the same predictions score the same
+        expected_table = pd.read_csv(finished / "results/tables" / table)
+        pd.testing.assert_frame_equal(pd.read_csv(work / "results/tables" / table), expected_table)
     again = snakemake(work, "-n", "--cache")
     assert "Nothing to be done" in again.stdout + again.stderr
 

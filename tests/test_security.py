@@ -191,15 +191,6 @@ def test_cast_refuses_a_release_without_safetensors(tmp_path: Path, tiny_bf16: P
     assert not (tmp_path / "bf16").exists()
 
 
-INFER_PICKLE_FIX = (
-    "src/ktflow/infer/cli.py main(): before make_backend, refuse a model dir or adapter dir that is not "
-    "safetensors-only, e.g. `ktflow.fetch.validate_snapshot(args.model_dir)` and, for --adapter, "
-    "KtflowInputError(adapter / 'adapter_model.safetensors', None, 'missing: weights load only from "
-    "safetensors') when it is absent or any *.bin/*.pt/*.pth sits beside it"
-)
-
-
-@pytest.mark.xfail(strict=True, reason=INFER_PICKLE_FIX)
 def test_infer_refuses_a_pickled_model(tmp_path: Path, tiny_bf16: Path) -> None:
     model, weights, marker = pickled_model(tmp_path, tiny_bf16)
     test = tmp_path / "test.json"
@@ -208,7 +199,6 @@ def test_infer_refuses_a_pickled_model(tmp_path: Path, tiny_bf16: Path) -> None:
     assert_refused(result, "infer", weights, marker)
 
 
-@pytest.mark.xfail(strict=True, reason=INFER_PICKLE_FIX)
 def test_infer_refuses_a_pickled_adapter(tmp_path: Path, tiny_bf16: Path) -> None:
     adapter = tmp_path / "adapter"
     marker = tmp_path / "unpickled"
@@ -223,11 +213,6 @@ def test_infer_refuses_a_pickled_adapter(tmp_path: Path, tiny_bf16: Path) -> Non
     assert_refused(result, "infer", weights.with_name("adapter_model.safetensors"), marker)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="src/ktflow/train/run.py main(): call ktflow.fetch.validate_snapshot(args.model_dir) where it "
-    "now only checks config.json, so pickled weights are refused before LLaMA-Factory starts",
-)
 def test_train_refuses_a_pickled_model_before_llamafactory_starts(tmp_path: Path, tiny_bf16: Path) -> None:
     model, weights, marker = pickled_model(tmp_path, tiny_bf16)
     data = tmp_path / "train.json"

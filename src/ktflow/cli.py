@@ -34,7 +34,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "tables": ("ktflow.tables", "collect metrics into tables in the paper's layout"),
     "plots": ("ktflow.plots", "training-loss curves and base-vs-LoRA metric bars (PNG)"),
     "doctor": ("ktflow.doctor", "preflight: CPU flags, GPUs, versions and memory estimates"),
-    "status": ("ktflow.status", "which steps are up to date for the current config, which would rerun, and why"),
+    "status": (
+        "ktflow.status",
+        "which steps are up to date for the current config, which would rerun, and why",
+    ),
 }
 
 

@@ -1,9 +1,10 @@
 """``ktflow status``: for the current config, which steps are up to date, which would rerun, and why.
 
-Nothing is run. Snakemake is asked twice, at the same time: ``--summary`` lists every
-output of the DAG with the rule that makes it, and ``--dry-run`` gives the reason for
-each job that would run (both are exact; ``--list-changes params`` is not, it reports
-outputs whose params differ from any earlier run, even ones a later run rebuilt). A
+Nothing is run. Snakemake is asked twice, at the same time: ``--detailed-summary`` lists
+every output of the DAG with the rule that makes it and the inputs it was made from, and
+``--dry-run`` gives the reason for each job that would run (both are exact; ``--list-changes
+params`` is not: it reports outputs whose params differ from any earlier run, even ones a
+later run rebuilt). A
 params change is shown as the config keys that changed (``lora.rank: 16 -> 8``) instead of
 Snakemake's raw before/now value sets, and a job whose output is already in the
 between-workflow cache is marked as restored rather than recomputed.
@@ -334,10 +335,12 @@ def ask_snakemake(base: list[str]) -> tuple[str, str]:
     for name, process in running.items():
         texts[name], _ = process.communicate()
         if process.returncode != 0:
-            last = [line for line in texts[name].splitlines() if line.strip()][-12:]
-            raise KtflowInputError(
-                None, f"snakemake {name}", "failed:\n" + "\n".join(last) if last else "failed"
-            )
+            lines = [line for line in texts[name].splitlines() if line.strip()]
+            # The workflow's own config errors are one line naming the file and key.
+            config_error = [line for line in lines if line.startswith("ktflow: invalid config: ")]
+            if config_error:
+                raise KtflowInputError(None, None, config_error[0].removeprefix("ktflow: invalid config: "))
+            raise KtflowInputError(None, f"snakemake {name}", "failed:\n" + "\n".join(lines[-12:]))
     return texts["summary"], texts["dry-run"]
 
 

@@ -13,7 +13,12 @@ from ktflow.errors import KtflowInputError
 from ktflow.status import code_version
 
 try:
-    check_config(config, workflow.configfiles[-1] if workflow.configfiles else "config")
+    # JSON Schema (2020-12) first, then the cross-field checks; one line naming file and key.
+    check_config(
+        config,
+        workflow.configfiles[-1] if workflow.configfiles else "config",
+        schema=Path(workflow.basedir) / "workflow" / "schemas" / "config.schema.yaml",
+    )
 except KtflowInputError as error:
     sys.exit(f"ktflow: invalid config: {error.format()}")
 

@@ -20,6 +20,7 @@ from typing import Any
 
 import xxhash
 
+from ktflow.atomic import storage_error
 from ktflow.errors import KtflowInputError
 
 DTYPE_SIZES: dict[str, int] = {
@@ -257,7 +258,11 @@ def disk_errors(path: Path) -> Iterator[None]:
                 None,
                 "no space left on device; finished shards are kept: free space and rerun to resume",
             ) from error
-        raise
+        # A denied or read-only destination gets the same one-line message as every other step.
+        converted = storage_error(error, path)
+        if converted is None:
+            raise
+        raise converted from error
 
 
 def file_checksum(path: Path, chunk: int = 1 << 24) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -11,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ktflow.atomic import storage_errors, write_jsonl, write_text
 from ktflow.errors import KtflowInputError
 
 log = logging.getLogger(__name__)
@@ -91,7 +93,9 @@ class ResumableJsonl:
     After a kill, the partial file tells which ids are done, so a rerun only asks for
     the rest. A torn last line (killed mid-write) is dropped. With a ``fingerprint``
     (a digest of everything that shapes a prediction), rows written under another
-    fingerprint are discarded instead of being mixed into this run's output.
+    fingerprint are discarded instead of being mixed into this run's output. A full
+    disk or a denied write is one StorageError; earlier rows are never truncated (the
+    partial file is only ever appended to, or replaced whole).
     """
 
     def __init__(self, out: Path, fingerprint: str | None = None) -> None:
@@ -99,21 +103,34 @@ class ResumableJsonl:
         self.partial = out.with_name(out.name + ".partial")
         self.key_file = out.with_name(out.name + ".partial.key")
         self.done: dict[str, dict[str, Any]] = {}
+        intact = True
         if self.partial.is_file() and self._same_run(fingerprint):
             for line in self.partial.read_text(encoding="utf-8").splitlines():
                 try:
                     row = json.loads(line)
                 except json.JSONDecodeError:
+                    intact = False
                     break
                 self.done[row["id"]] = row
-        self.partial.parent.mkdir(parents=True, exist_ok=True)
-        if fingerprint is not None:
-            self.key_file.write_text(fingerprint + "\n", encoding="utf-8")
-        # Rewrite only the complete rows so a torn tail never survives.
-        with open(self.partial, "w", encoding="utf-8") as handle:
-            for row in self.done.values():
-                handle.write(json.dumps(row, ensure_ascii=False) + "\n")
-        self._handle = open(self.partial, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
+        elif self.partial.is_file():
+            intact = False
+        existed = {path: path.exists() for path in (self.partial, self.key_file)}
+        with storage_errors(out):
+            try:
+                self.partial.parent.mkdir(parents=True, exist_ok=True)
+                if fingerprint is not None and (
+                    not self.key_file.is_file()
+                    or self.key_file.read_text(encoding="utf-8").strip() != fingerprint
+                ):
+                    write_text(self.key_file, fingerprint + "\n")
+                if not intact:  # drop a torn tail or another run's rows, atomically
+                    write_jsonl(self.partial, list(self.done.values()))
+                self._handle = open(self.partial, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
+            except BaseException:
+                for path, was_there in existed.items():
+                    if not was_there:
+                        path.unlink(missing_ok=True)
+                raise
 
     def _same_run(self, fingerprint: str | None) -> bool:
         if fingerprint is None:
@@ -125,14 +142,16 @@ class ResumableJsonl:
         return True
 
     def append(self, rows: Iterable[dict[str, Any]]) -> None:
-        for row in rows:
-            self._handle.write(json.dumps(row, ensure_ascii=False) + "\n")
-            self.done[row["id"]] = row
-        self._handle.flush()
-        os.fsync(self._handle.fileno())
+        with storage_errors(self.out):
+            for row in rows:
+                self._handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+                self.done[row["id"]] = row
+            self._handle.flush()
+            os.fsync(self._handle.fileno())
 
     def close(self) -> None:
-        if not self._handle.closed:
+        # Every row was fsynced by append(); a close that fails on a full disk loses nothing.
+        with contextlib.suppress(OSError):
             self._handle.close()
 
     def finish(self, order: list[str]) -> None:
@@ -142,8 +161,7 @@ class ResumableJsonl:
             raise InferenceError(
                 f"{self.out}: {len(missing)} rows have no prediction (first: {missing[0]}); left as .partial"
             )
-        from ktflow.atomic import write_jsonl
-
         write_jsonl(self.out, [self.done[key] for key in order])
-        self.partial.unlink()
-        self.key_file.unlink(missing_ok=True)
+        with storage_errors(self.out):
+            self.partial.unlink()
+            self.key_file.unlink(missing_ok=True)

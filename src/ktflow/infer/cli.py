@@ -42,7 +42,7 @@ SAMPLING_KEYS = ("max_new_tokens", "do_sample", "temperature", "top_p", "seed", 
 # rows an interrupted run left in OUT.partial.
 OPERATIONAL_KEYS = (
     "batch_size", "concurrency", "request_timeout_s", "retries", "startup_timeout_s", "restarts",
-    "python", "server", "api_key_env", "base_url",
+    "python", "server", "api_key_env", "base_url", "threads",
 )  # fmt: skip
 SPEC_KEYS = frozenset(
     (*SAMPLING_KEYS, *OPERATIONAL_KEYS, "backend", "dtype", "system", "trust_remote_code", "model",
@@ -67,7 +67,7 @@ def check_spec(spec: Any) -> dict[str, Any]:
         )
     if backend == "openai" and not isinstance(spec.get("base_url"), str):
         raise KtflowInputError("config", "inference.base_url", "the openai backend needs the server's URL")
-    for key in ("concurrency", "batch_size", "max_new_tokens"):
+    for key in ("concurrency", "batch_size", "max_new_tokens", "threads"):
         if key in spec and (not isinstance(spec[key], int) or spec[key] < 1):
             raise KtflowInputError(
                 "config", f"inference.{key}", f"must be a positive integer, got {spec[key]!r}"
@@ -114,6 +114,7 @@ def make_backend(
             adapter_dir=adapter,
             dtype=spec.get("dtype", "float32"),
             trust_remote_code=bool(spec.get("trust_remote_code", False)),
+            threads=spec.get("threads"),
         )
     api_key = os.environ.get(spec["api_key_env"]) if spec.get("api_key_env") else None
     options: dict[str, Any] = {
@@ -164,10 +165,21 @@ def run_fingerprint(spec: dict[str, Any], paths: list[Path | None], adapter_name
     return hashlib.sha256(payload.encode()).hexdigest()
 
 
-def run_inference(
-    backend: InferenceBackend, requests: list[Request], out: Path, fingerprint: str | None = None
-) -> dict[str, Any]:
-    sink = ResumableJsonl(out, fingerprint)
+def check_weights(backend: str, model_dir: Path, adapter: Path | None) -> None:
+    """Weights load only from safetensors: refuse pickles before anything could unpickle them."""
+    from ktflow.fetch import PICKLE_SUFFIXES, validate_snapshot
+
+    if backend != "openai":  # an external server loads its own copy
+        validate_snapshot(model_dir)
+    if adapter is not None:
+        weights = adapter / "adapter_model.safetensors"
+        pickled = sorted(p.name for p in adapter.glob("*") if p.suffix.lower() in PICKLE_SUFFIXES)
+        if not weights.is_file() or pickled:
+            refused = f" ({', '.join(pickled)} refused)" if pickled else ""
+            raise KtflowInputError(weights, None, f"missing: weights load only from safetensors{refused}")
+
+
+def run_inference(backend: InferenceBackend, requests: list[Request], sink: ResumableJsonl) -> dict[str, Any]:
     todo = [request for request in requests if request.id not in sink.done]
     start = time.perf_counter()
     tokens_before = backend.generated_tokens
@@ -236,9 +248,11 @@ def main(args: argparse.Namespace) -> int:
         args.test_file, load_rows(args.test_file), spec.get("system"), adapter_name
     )
     inputs: list[str | Path] = [args.test_file, *(p for p in (args.adapter, args.int8) if p is not None)]
+    check_weights(spec.get("backend", "hf"), args.model_dir, args.adapter)
     fingerprint = run_fingerprint(
         spec, [args.model_dir, args.test_file, args.adapter, args.int8], adapter_name
     )
+    sink = ResumableJsonl(args.out, fingerprint)  # a full disk fails here, before a model loads
     try:
         with (
             interrupts_as_keyboard_interrupt(),
@@ -248,7 +262,7 @@ def main(args: argparse.Namespace) -> int:
                 spec, args.model_dir, args.adapter, args.adapter_name, args.int8, args.server_log
             )
             try:
-                extra.update(run_inference(backend, requests, args.out, fingerprint))
+                extra.update(run_inference(backend, requests, sink))
                 extra["backend"] = backend.facts()
             finally:
                 backend.close()
@@ -258,5 +272,7 @@ def main(args: argparse.Namespace) -> int:
     except KeyboardInterrupt as interrupt:
         print(f"ktflow infer: interrupted ({interrupt or 'Ctrl-C'})", file=sys.stderr, flush=True)
         return 130
+    finally:
+        sink.close()
     print(json.dumps({key: extra[key] for key in ("rows", "resumed_rows", "requests_per_s", "tokens_per_s")}))
     return 0

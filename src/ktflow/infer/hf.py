@@ -16,6 +16,10 @@ from ktflow.infer.base import InferenceBackend, Request, Sampling
 log = logging.getLogger(__name__)
 
 DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
+# Below this size a decoding step is a string of tiny ops: a second intra-op thread gains little
+# and, when other jobs share the cores, OpenMP's barriers wait on descheduled threads (measured
+# 20x slower on a busy 2-core host), so such models decode on one thread unless told otherwise.
+SMALL_MODEL_PARAMS = 100_000_000
 
 
 class HFInference(InferenceBackend):
@@ -28,12 +32,14 @@ class HFInference(InferenceBackend):
         adapter_dir: Path | None = None,
         dtype: str = "float32",
         trust_remote_code: bool = False,
+        threads: int | None = None,
     ) -> None:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.torch = torch
         self.sampling = sampling
+        self.merged = False
         self.tokenizer: Any = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
         self.tokenizer.padding_side = "left"
         if self.tokenizer.pad_token is None:
@@ -51,11 +57,17 @@ class HFInference(InferenceBackend):
             model = PeftModel.from_pretrained(model, adapter_dir)
             try:
                 model = model.merge_and_unload()
+                self.merged = True
             except (ValueError, NotImplementedError, RuntimeError) as error:
                 log.warning("cannot merge %s (%s); generating with the unmerged adapter", adapter_dir, error)
         self.model: Any = model.to(device).eval()
         self.device = device
         self.generated_tokens = 0
+        if threads is None and device == "cpu" and model.num_parameters() < SMALL_MODEL_PARAMS:
+            threads = 1
+        if threads is not None:
+            torch.set_num_threads(threads)
+        self.threads = torch.get_num_threads()
 
     def _encode(self, request: Request) -> list[int]:
         encoded: Any = self.tokenizer.apply_chat_template(
@@ -89,6 +101,9 @@ class HFInference(InferenceBackend):
             self.generated_tokens += int((new_tokens != self.tokenizer.pad_token_id).sum())
             for (request, _), tokens in zip(batch, new_tokens, strict=True):
                 yield request, self.tokenizer.decode(tokens, skip_special_tokens=True).strip()
+
+    def facts(self) -> dict[str, Any]:
+        return {"device": self.device, "threads": self.threads, "adapter_merged": self.merged}
 
     def close(self) -> None:
         del self.model
