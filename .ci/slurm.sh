@@ -205,7 +205,10 @@ down() {
     stop_pidfile "$s/slurmctld.pid" slurmctld
     stop_pidfile "$s/slurmdbd.pid" slurmdbd
     stop_pidfile "$s/mariadb.pid" mariadbd
-    stop_pidfile "$s/munge/munged.pid" munged
+    if [[ -f $s/munge/munged.pid ]]; then
+        stop_pidfile "$s/munge/munged.pid" munged
+        rmdir /run/munge 2>/dev/null || true
+    fi
     [[ $(readlink "$DEFAULT_CONF" 2>/dev/null) == "$s/etc/slurm.conf" ]] && rm -f "$DEFAULT_CONF"
     rm -rf "$s"
 }
