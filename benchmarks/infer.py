@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -32,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
+THREADS_ENV = "KTFLOW_BENCH_THREADS"
 sys.path.insert(0, str(ROOT / "src"))
 
 
@@ -39,6 +41,7 @@ def time_generate(report: Path) -> None:
     """Wrap transformers' generate so the worker records the time spent inside it."""
     import atexit
 
+    import torch
     from transformers.generation.utils import GenerationMixin
 
     original = GenerationMixin.generate
@@ -52,6 +55,7 @@ def time_generate(report: Path) -> None:
             spent["generate_s"] += time.perf_counter() - start
             spent["calls"] += 1
             spent["dtype"] = str(getattr(self, "dtype", None))
+            spent["threads"] = torch.get_num_threads()
 
     GenerationMixin.generate = timed  # type: ignore[method-assign]
     atexit.register(lambda: report.write_text(json.dumps(spent)))
@@ -59,6 +63,10 @@ def time_generate(report: Path) -> None:
 
 def worker(tool: str, report: Path, argv: list[str]) -> int:
     time_generate(report)
+    if THREADS_ENV in os.environ:  # --threads: the same intra-op thread count for both tools
+        import torch
+
+        torch.set_num_threads(int(os.environ[THREADS_ENV]))
     if tool == "ktflow":
         from ktflow.cli import main as ktflow_main
 
@@ -119,11 +127,14 @@ def random_adapter(model_dir: Path, out: Path) -> Path:
     return out
 
 
-def run_tool(tool: str, argv: list[str], work: Path) -> dict[str, Any]:
+def run_tool(tool: str, argv: list[str], work: Path, threads: int | None) -> dict[str, Any]:
     report = work / f"{tool}.generate.json"
     command = [sys.executable, __file__, "--worker", tool, str(report), "--", *argv]
+    env = dict(os.environ)
+    if threads is not None:
+        env[THREADS_ENV] = str(threads)
     start = time.perf_counter()
-    result = subprocess.run(command, capture_output=True, text=True, check=False)
+    result = subprocess.run(command, capture_output=True, text=True, check=False, env=env)
     wall = time.perf_counter() - start
     if result.returncode != 0:
         raise SystemExit(f"{tool} failed ({result.returncode}):\n{result.stderr[-3000:]}")
@@ -135,7 +146,7 @@ def run_ktflow(model: Path, adapter: Path, test: Path, work: Path, spec: dict[st
     for stale in work.glob("ktflow.*"):
         stale.unlink()
     argv = ["infer", str(model), str(test), str(out), "--adapter", str(adapter), "--spec", json.dumps(spec)]
-    facts = run_tool("ktflow", argv, work)
+    facts = run_tool("ktflow", argv, work, spec.get("threads"))
     extra = json.loads(out.with_suffix(".provenance.json").read_text())["extra"]
     predictions = [json.loads(line)["predict"] for line in out.read_text().splitlines()]
     return {**facts, "loop_s": extra["generate_s"], "predictions": predictions}
@@ -162,7 +173,7 @@ def run_llamafactory(
     }  # fmt: skip
     config = work / "lf-predict.yaml"
     config.write_text(yaml.safe_dump(args))
-    facts = run_tool("llamafactory", ["train", str(config)], work)
+    facts = run_tool("llamafactory", ["train", str(config)], work, spec.get("threads"))
     metrics = json.loads((output_dir / "predict_results.json").read_text())
     lines = (output_dir / "generated_predictions.jsonl").read_text().splitlines()
     return {
@@ -186,14 +197,14 @@ def table(
     first = min(batch for _, batch in results)
     baseline = results[("llamafactory", first)]
     header = (
-        f"{'system':<14}{'batch':>6}{'dtype':>15}{'wall s':>8}{'loop s':>8}{'gen s':>7}"
+        f"{'system':<14}{'batch':>6}{'threads':>8}{'dtype':>9}{'wall s':>8}{'loop s':>8}{'gen s':>7}"
         f"{'rows/s':>8}{'tok/s':>7}{'x wall':>8}{'x loop':>8}{'x gen':>7}{'x gen same batch':>18}"
     )
     lines = [header]
     for (tool, batch), r in results.items():
         same = results[("llamafactory", batch)]
         lines.append(
-            f"{tool:<14}{batch:>6}{r['dtype'].removeprefix('torch.'):>15}{r['wall_s']:>8.2f}"
+            f"{tool:<14}{batch:>6}{r['threads']:>8}{r['dtype'].removeprefix('torch.'):>9}{r['wall_s']:>8.2f}"
             f"{r['loop_s']:>8.2f}{r['generate_s']:>7.2f}{rows / r['generate_s']:>8.1f}"
             f"{tokens[(tool, batch)] / r['generate_s']:>7.0f}"
             f"{baseline['wall_s'] / r['wall_s']:>8.2f}{baseline['loop_s'] / r['loop_s']:>8.2f}"
@@ -209,13 +220,18 @@ def main() -> int:
     parser.add_argument("--model", type=Path, default=None, help="BF16 model dir")
     parser.add_argument("--adapter", type=Path, default=None, help="LoRA adapter dir")
     parser.add_argument(
-        "--batch-sizes", type=int, nargs="+", default=[16, 64],
+        "--batch-sizes", type=int, nargs="+", default=[8, 16, 64],
         help="each for both tools (LF: per_device_eval_batch_size); first = baseline",
     )  # fmt: skip
     parser.add_argument("--max-new-tokens", type=int, default=48)
     parser.add_argument(
         "--dtype", default="float32", choices=["float32", "bfloat16"],
         help="both tools (float32: the default config's; BF16 is slow on CPUs without AMX)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--threads", type=int, default=None,
+        help="torch intra-op threads for both tools (default: each tool's own choice; ktflow uses 1 for "
+        "small models, LLaMA-Factory torch's default)",
     )  # fmt: skip
     parser.add_argument("--repeat", type=int, default=1, help="runs per tool; the fastest is reported")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/out/infer")
@@ -231,13 +247,17 @@ def main() -> int:
         for batch in args.batch_sizes:
             spec = {"backend": "hf", "dtype": args.dtype, "batch_size": batch,
                     "max_new_tokens": args.max_new_tokens, "do_sample": False, "seed": 42}  # fmt: skip
+            if args.threads is not None:
+                spec["threads"] = args.threads
             for name, runner in runners.items():
                 runs.setdefault((name, batch), []).append(runner(model, adapter, test, args.out, spec))
     results = {key: min(done, key=lambda r: r["generate_s"]) for key, done in runs.items()}
     tokens = {key: count_tokens(model, r["predictions"]) for key, r in results.items()}
     reference = results[("llamafactory", args.batch_sizes[0])]["predictions"]
+    threads = args.threads or "each tool's default"
     print(f"model {model}\nadapter {adapter}\nprompts {rows} from {test}; max_new_tokens "
-          f"{args.max_new_tokens}, greedy; best of {args.repeat} (by generate time)")  # fmt: skip
+          f"{args.max_new_tokens}, greedy; threads: {threads}; best of {args.repeat} (by generate time)"
+          )  # fmt: skip
     print(table(results, rows, tokens))
     for key, r in results.items():
         same = sum(a.strip() == b.strip() for a, b in zip(r["predictions"], reference, strict=True))

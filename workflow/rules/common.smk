@@ -90,16 +90,6 @@ def task_files(wildcards):
     }
 
 
-def adapter_for(wildcards):
-    if wildcards.variant == "lora":
-        return R(f"lora/{wildcards.model}/{wildcards.task}/adapter")
-    return []
-
-
-def adapter_flag(wildcards, input):
-    return f"--adapter {input.adapter}" if wildcards.variant == "lora" else ""
-
-
 def metric_entries(wildcards, input):
     entries = []
     for model in MODELS:
