@@ -27,6 +27,8 @@ rule preflight:
         R("preflight/{task}.json"),
     log:
         R("logs/preflight/{task}.log"),
+    benchmark:
+        R("benchmarks/preflight/{task}.tsv")
     wildcard_constraints:
         task=PREFLIGHT_TASKS,
     priority: 100
@@ -53,6 +55,8 @@ rule tiny_train_format:
         R("data/{task}/{format}/train.json"),
     log:
         R("logs/tiny_train_format/{task}.{format}.log"),
+    benchmark:
+        R("benchmarks/tiny_train_format/{task}.{format}.tsv")
     wildcard_constraints:
         task=DERIVED_TASKS,
         format="|".join(plan.DERIVED_FORMATS),
