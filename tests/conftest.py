@@ -38,14 +38,23 @@ def run_ktflow(*args: str, check: bool = True, **env: str) -> subprocess.Complet
     return result
 
 
-def snakemake(workdir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    """A real Snakemake run of the repository's workflow in ``workdir`` (its config.yaml)."""
-    command = [
+def snakemake_command(workdir: Path, *args: str) -> list[str]:
+    """The repository's workflow on ``workdir``'s config.yaml, 2 cores."""
+    return [
         str(BIN / "snakemake"), "-s", str(REPO / "Snakefile"), "--configfile", str(workdir / "config.yaml"),
         "--cores", "2", *args,
     ]  # fmt: skip
+
+
+def snakemake(workdir: Path, *args: str, check: bool = True, **env: str) -> subprocess.CompletedProcess[str]:
+    """A real Snakemake run of the repository's workflow in ``workdir``; ``env`` adds variables."""
     result = subprocess.run(
-        command, cwd=workdir, capture_output=True, text=True, env=ktflow_env(), check=False
+        snakemake_command(workdir, *args),
+        cwd=workdir,
+        capture_output=True,
+        text=True,
+        env=ktflow_env(**env),
+        check=False,
     )
     if check and result.returncode != 0:
         raise AssertionError(

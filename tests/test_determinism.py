@@ -16,7 +16,8 @@ from typing import Any
 
 import pytest
 import yaml
-from conftest import BIN, REPO, ktflow_env
+from conftest import REPO, ktflow_env
+from conftest import snakemake as run_snakemake
 
 REDUCED: dict[str, Any] = {
     "models": {"tiny-v3": {"tiny": {"seed": 0, "vocab_size": 1024, "shards": 4}, "cast": {"workers": 1}}},
@@ -53,39 +54,14 @@ def write_reduced_config(workdir: Path, **overrides: Any) -> Path:
     return path
 
 
-def snakemake_command(workdir: Path, *args: str) -> list[str]:
-    config = str(workdir / "config.yaml")
-    return [
-        str(BIN / "snakemake"),
-        "-s",
-        str(REPO / "Snakefile"),
-        "--configfile",
-        config,
-        "--cores",
-        "2",
-        *args,
-    ]
-
-
 def run_env() -> dict[str, str]:
     """ktflow's environment plus the sentinel token; the hub is off so nothing can leave the box."""
     return ktflow_env(HF_TOKEN=SENTINEL_TOKEN, HF_HUB_OFFLINE="1")
 
 
 def snakemake(workdir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    result = subprocess.run(
-        snakemake_command(workdir, *args),
-        cwd=workdir,
-        capture_output=True,
-        text=True,
-        env=run_env(),
-        check=False,
-    )
-    if check and result.returncode != 0:
-        raise AssertionError(
-            f"snakemake {' '.join(args)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
-        )
-    return result
+    """Every run here carries the sentinel token, with the hub off."""
+    return run_snakemake(workdir, *args, check=check, HF_TOKEN=SENTINEL_TOKEN, HF_HUB_OFFLINE="1")
 
 
 _RUNS: dict[int, Path] = {}

@@ -33,13 +33,12 @@ import pandas as pd
 import psutil
 import pytest
 import yaml
-from conftest import ktflow_env
+from conftest import ktflow_env, snakemake_command
 from test_determinism import (
     clean_run,
     result_files,
     run_env,
     snakemake,
-    snakemake_command,
     write_reduced_config,
 )
 
