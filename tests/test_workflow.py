@@ -9,11 +9,24 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from conftest import BIN, REPO, ktflow_env, snakemake
+from conftest import BIN, REPO, ktflow_env, snakemake, snakemake_command
 
 RULES = ("fetch", "cast_bf16", "train_lora", "convert_lora_sglang", "infer", "evaluate", "tables")
 CACHED = ("fetch", "cast_bf16", "train_lora", "convert_lora_sglang", "infer")
 METRICS = ["BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "ROUGE-1", "ROUGE-2", "ROUGE-L"]
+
+
+def test_rules_do_not_need_the_venv_on_path(workdir: Path) -> None:
+    """`.venv/bin/snakemake` from a plain shell: the jobs find ktflow without the caller's PATH."""
+    bare = {"PATH": "/usr/bin:/bin", "HOME": str(workdir), "LANG": "C.UTF-8"}
+    assert str(BIN) not in bare["PATH"]
+    plan = subprocess.run(snakemake_command(workdir, "-n"), cwd=workdir, env=bare, capture_output=True, text=True)
+    assert plan.returncode == 0, plan.stderr[-3000:]
+    assert "\ntiny_tasks " in plan.stdout
+    target = "results/data/style/train.json"
+    job = subprocess.run(snakemake_command(workdir, target), cwd=workdir, env=bare, capture_output=True, text=True)
+    assert job.returncode == 0, job.stdout[-2000:] + job.stderr[-4000:]
+    assert json.loads((workdir / target).read_text()), "tiny_tasks wrote no rows"
 
 
 def test_dry_run_plans_every_step(workdir: Path) -> None:
