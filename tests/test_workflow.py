@@ -20,11 +20,15 @@ def test_rules_do_not_need_the_venv_on_path(workdir: Path) -> None:
     """`.venv/bin/snakemake` from a plain shell: the jobs find ktflow without the caller's PATH."""
     bare = {"PATH": "/usr/bin:/bin", "HOME": str(workdir), "LANG": "C.UTF-8"}
     assert str(BIN) not in bare["PATH"]
-    plan = subprocess.run(snakemake_command(workdir, "-n"), cwd=workdir, env=bare, capture_output=True, text=True)
+    plan = subprocess.run(
+        snakemake_command(workdir, "-n"), cwd=workdir, env=bare, capture_output=True, text=True
+    )
     assert plan.returncode == 0, plan.stderr[-3000:]
     assert "\ntiny_tasks " in plan.stdout
     target = "results/data/style/train.json"
-    job = subprocess.run(snakemake_command(workdir, target), cwd=workdir, env=bare, capture_output=True, text=True)
+    job = subprocess.run(
+        snakemake_command(workdir, target), cwd=workdir, env=bare, capture_output=True, text=True
+    )
     assert job.returncode == 0, job.stdout[-2000:] + job.stderr[-4000:]
     assert json.loads((workdir / target).read_text()), "tiny_tasks wrote no rows"
 
