@@ -1,6 +1,5 @@
 import json
 import os
-import shlex
 import sys
 from pathlib import Path
 
@@ -11,6 +10,7 @@ from ktflow.config import (
     effective_training,
 )
 from ktflow.errors import KtflowInputError
+from ktflow.jobenv import put_interpreter_first_on_path
 from ktflow.status import code_version
 
 try:
@@ -23,22 +23,11 @@ try:
 except KtflowInputError as error:
     sys.exit(f"ktflow: invalid config: {error.format()}")
 
-# Rules never rely on the caller's PATH: ktflow runs from the interpreter that plans
-# the workflow (`make demo`, `.venv/bin/snakemake`, an activated venv and SLURM jobs,
-# which re-run this same interpreter). Its bin dir goes first on the jobs' PATH so that
-# tools ktflow starts (llamafactory-cli, torchrun) come from the same environment. With
-# `--sdm conda` each rule's own env provides `ktflow`, so the bare name is right there.
-def ktflow_command():
-    methods = workflow.deployment_settings.deployment_method
-    if any(str(method).lower().endswith("conda") for method in methods):
-        return "ktflow"
-    return f"{shlex.quote(sys.executable)} -m ktflow"
-
-
-KTFLOW = ktflow_command()
-_BIN = str(Path(sys.executable).parent)
-if _BIN not in os.environ.get("PATH", "").split(os.pathsep):
-    os.environ["PATH"] = os.pathsep.join(filter(None, [_BIN, os.environ.get("PATH")]))
+# Rules never rely on the caller's PATH: the interpreter that plans the workflow
+# (`make demo`, `.venv/bin/snakemake`, an activated venv; SLURM jobs re-run it) puts its
+# bin dir first on the jobs' PATH, so `ktflow` and the tools it starts (llamafactory-cli,
+# torchrun) come from that environment. `--sdm conda` activates each rule's env on top.
+put_interpreter_first_on_path()
 
 RESULTS = config.get("results", "results")
 MODELS = config["experiments"]["models"]

@@ -52,7 +52,7 @@ rule tiny_tasks:
         n_test=lambda w: task_config(w.task).get("tiny", {}).get("n_test", 60),
         outdir=lambda w, output: str(Path(output.train).parent),
     shell:
-        "{KTFLOW} tiny-tasks {wildcards.task} {params.outdir} --seed {params.seed}"
+        "ktflow tiny-tasks {wildcards.task} {params.outdir} --seed {params.seed}"
         " --n-train {params.n_train} --n-test {params.n_test} > {log} 2>&1"
 
 
@@ -89,5 +89,5 @@ rule prepare_task:
         cache=lambda w: R(f".cache/datasets/{w.task}"),
         outdir=lambda w, output: str(Path(output.train).parent),
     shell:
-        "{KTFLOW} prepare-data {params.outdir} --name {wildcards.task} --spec {params.spec:q}"
+        "ktflow prepare-data {params.outdir} --name {wildcards.task} --spec {params.spec:q}"
         " --cache-dir {params.cache} > {log} 2>&1"

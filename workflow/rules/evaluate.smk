@@ -24,7 +24,7 @@ rule evaluate:
         ),
         workers=config.get("evaluation", {}).get("workers", 1),
     shell:
-        "{KTFLOW} evaluate {input} --task {params.kind} -o {output.metrics}"
+        "ktflow evaluate {input} --task {params.kind} -o {output.metrics}"
         " --per-sample {output.samples} {params.flavour}"
         " --workers {params.workers} > {log} 2>&1"
 
@@ -55,5 +55,5 @@ rule tables:
         entries=metric_entries,
         outdir=lambda w, output: str(Path(output.generation).parent),
     shell:
-        "{KTFLOW} tables --out-dir {params.outdir} --spec {params.spec:q}"
+        "ktflow tables --out-dir {params.outdir} --spec {params.spec:q}"
         " {params.entries} > {log} 2>&1"

@@ -16,7 +16,7 @@ rule tiny_model:
         vocab=lambda w: model_config(w.model).get("tiny", {}).get("vocab_size", 1024),
         shards=lambda w: model_config(w.model).get("tiny", {}).get("shards", 4),
     shell:
-        "{KTFLOW} tiny-model {output} --seed {params.seed} --vocab-size {params.vocab}"
+        "ktflow tiny-model {output} --seed {params.seed} --vocab-size {params.vocab}"
         " --shards {params.shards} > {log} 2>&1"
 
 
@@ -38,7 +38,7 @@ rule fetch:
         spec=fetch_params,
         args=fetch_args,
     shell:
-        "{KTFLOW} fetch {output} {params.args} > {log} 2>&1"
+        "ktflow fetch {output} {params.args} > {log} 2>&1"
 
 
 rule cast_bf16:
@@ -62,7 +62,7 @@ rule cast_bf16:
         # work dir that is renamed into place only once it is complete.
         work=lambda w: R(f".work/cast/{w.model}"),
     shell:
-        "{KTFLOW} cast {input} {params.work} --workers {params.workers} > {log} 2>&1"
+        "ktflow cast {input} {params.work} --workers {params.workers} > {log} 2>&1"
         " && mv {params.work} {output}"
 
 
@@ -88,4 +88,4 @@ rule convert_cpu_int8:
             else ""
         ),
     shell:
-        "{KTFLOW} convert-int8 {input} {output} {params.checkout} --threads {threads} > {log} 2>&1"
+        "ktflow convert-int8 {input} {output} {params.checkout} --threads {threads} > {log} 2>&1"

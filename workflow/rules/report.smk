@@ -36,7 +36,7 @@ rule report_tables:
         spec=tables_spec(),
         entries=metric_entries,
     shell:
-        "{KTFLOW} tables --page {output} --spec {params.spec:q} {params.entries} > {log} 2>&1"
+        "ktflow tables --page {output} --spec {params.spec:q} {params.entries} > {log} 2>&1"
 
 
 rule plots:
@@ -70,5 +70,5 @@ rule plots:
         ),
         entries=metric_entries,
     shell:
-        "{KTFLOW} plots --loss {output.loss} --metrics {output.metrics} --spec {params.spec:q}"
+        "ktflow plots --loss {output.loss} --metrics {output.metrics} --spec {params.spec:q}"
         " --train-logs {params.logs} --entries {params.entries} > {log} 2>&1"

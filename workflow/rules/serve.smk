@@ -19,7 +19,7 @@ rule convert_lora_sglang:
         code=code_version("convert-lora"),
         alpha=lambda w: effective_training(config, w.task).get("lora", {}).get("alpha"),
     shell:
-        "{KTFLOW} convert-lora {input.adapter} {output} --base-model {input.base}"
+        "ktflow convert-lora {input.adapter} {output} --base-model {input.base}"
         " --lora-alpha {params.alpha} > {log} 2>&1"
 
 
@@ -49,5 +49,5 @@ rule infer:
         spec=lambda w: as_json(effective_inference(config, w.model, w.task)),
         flags=lambda w: infer_flags(config, w.model, w.task, w.variant),
     shell:
-        "{KTFLOW} infer {input.model} {input.test} {output.predictions} {params.flags}"
+        "ktflow infer {input.model} {input.test} {output.predictions} {params.flags}"
         " --spec {params.spec:q} > {log} 2>&1"

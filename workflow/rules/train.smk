@@ -44,7 +44,7 @@ rule preflight:
         results=lambda w, output: str(Path(output[0]).parents[1]),
     # stdout (the report) goes to the log; stderr, with what to fix, to the terminal.
     shell:
-        "{KTFLOW} doctor --training {params.spec:q} --results-dir {params.results}"
+        "ktflow doctor --training {params.spec:q} --results-dir {params.results}"
         " --json {output} > {log}"
 
 
@@ -69,7 +69,7 @@ rule tiny_train_format:
         seed=config.get("seed", 42),
         outdir=lambda w, output: str(Path(output[0]).parent),
     shell:
-        "{KTFLOW} tiny-tasks {wildcards.task} {params.outdir} --format {wildcards.format}"
+        "ktflow tiny-tasks {wildcards.task} {params.outdir} --format {wildcards.format}"
         " --from {input} --seed {params.seed} > {log} 2>&1"
 
 
@@ -101,5 +101,5 @@ rule train_lora:
         # Checkpoints live outside the declared output so a killed run resumes.
         work=lambda w: R(f".work/train/{w.model}/{w.task}"),
     shell:
-        "{KTFLOW} train {input.model} {params.data:q} {output} --work-dir {params.work}"
+        "ktflow train {input.model} {params.data:q} {output} --work-dir {params.work}"
         " --results-dir {params.results} --dataset-name {wildcards.task} --spec {params.spec:q} > {log} 2>&1"
