@@ -28,7 +28,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="skip fsync (scratch output: a power cut may leave it corrupt)",
     )
-    parser.add_argument("--verify", type=Path, metavar="DST", help="only verify an output directory")
+    parser.add_argument(
+        "--verify",
+        type=Path,
+        metavar="DST",
+        help="only verify an output directory (headers, and every value for NaN / Inf: reads it all)",
+    )
     parser.add_argument(
         "--source", type=Path, metavar="SRC", help="with --verify: check shapes against this source"
     )
@@ -44,7 +49,7 @@ def main(args: argparse.Namespace) -> int:
             raise KtflowInputError(
                 None, "arguments", "--verify DST takes no SRC/DST positionals; use --source"
             )
-        checked = verify_checkpoint(args.verify, args.source)
+        checked = verify_checkpoint(args.verify, args.source, values=True)
         checked.raise_if_failed()
         sizes = f"{checked.tensors} tensors in {checked.shards} shards, {checked.total_size} bytes"
         print(f"{args.verify}: ok: {sizes}")

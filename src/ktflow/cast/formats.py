@@ -16,6 +16,7 @@ from typing import ClassVar
 import numpy as np
 import torch
 
+from ktflow.cast.finite import BF16_MAX, FLOAT_DTYPES, Tally, count_nonfinite, fp8_nan_count, nonfinite_error
 from ktflow.cast.shards import DTYPE_SIZES, Entry, Reader, TensorSlot
 from ktflow.errors import KtflowInputError
 
@@ -63,11 +64,32 @@ def read_tensor(reader: Reader, slot: TensorSlot, dtype: torch.dtype) -> torch.T
 
 
 def copy_tensor(reader: Reader, slot: TensorSlot, work: Workspace, sink: Sink) -> None:
+    """Copy the bytes through unchanged; float tensors must hold no NaN / Inf (no real checkpoint does)."""
     buffer = work.take("copy", min(COPY_CHUNK, slot.nbytes), torch.uint8)
+    kind = FLOAT_DTYPES.get(slot.dtype)
+    tally = Tally(slot.path, slot.name, slot.numel, slot.dtype)
     for offset in range(0, slot.nbytes, COPY_CHUNK):
-        piece = as_bytes(buffer[: min(COPY_CHUNK, slot.nbytes - offset)])
+        count = min(COPY_CHUNK, slot.nbytes - offset)
+        piece = as_bytes(buffer[:count])
         reader.readinto(slot, offset, piece)
+        if kind is not None:
+            tally.add(count_nonfinite(buffer[:count].view(kind)))
         sink(piece)
+    tally.raise_if_any()
+
+
+def checked_scale(reader: Reader, out: OutTensor, largest: float) -> tuple[torch.Tensor, Tally | None]:
+    """The scale (``out.inputs[1]``) as float32, refused if any value is non-finite, and a tally for
+    the outputs when a product ``largest * scale`` could round to Inf in bf16 (no real checkpoint's)."""
+    slot = out.inputs[1]
+    scale = read_tensor(reader, slot, SCALE_DTYPES[slot.dtype]).to(torch.float32)
+    bad = count_nonfinite(scale)
+    if bad:
+        raise nonfinite_error(slot.path, slot.name, bad, scale.numel(), "scale")
+    if scale.numel() and float(scale.abs().max()) * largest >= BF16_MAX:
+        numel = math.prod(out.entry.shape)
+        return scale, Tally(out.inputs[0].path, out.entry.name, numel, "bf16 output (scale too large)")
+    return scale, None
 
 
 class WeightFormat(ABC):
@@ -126,6 +148,7 @@ class Fp8Block(WeightFormat):
     # exact while the scaled scale stays finite (|scale| < 2**7 leaves ample headroom).
     BIAS = 2.0**120
     SAFE_SCALE = 2.0**7
+    LARGEST = 448.0  # largest finite float8_e4m3fn
 
     def __init__(self, block: tuple[int, int]) -> None:
         self.block = block
@@ -165,12 +188,13 @@ class Fp8Block(WeightFormat):
         return OutTensor(Entry(weight.name, "BF16", weight.shape), self.name, (weight, scale))
 
     def dequantize(self, out: OutTensor, reader: Reader, work: Workspace, sink: Sink) -> None:
-        weight, scale_slot = out.inputs
+        weight = out.inputs[0]
         rows, cols = weight.shape
         block_rows, block_cols = self.block
-        scale = read_tensor(reader, scale_slot, SCALE_DTYPES[scale_slot.dtype]).to(torch.float32)
-        safe = scale.numel() == 0 or bool(scale.isfinite().all() and scale.abs().max() < self.SAFE_SCALE)
+        scale, overflow = checked_scale(reader, out, self.LARGEST)
+        safe = scale.numel() == 0 or bool(scale.abs().max() < self.SAFE_SCALE)
         bias = self.BIAS if safe else 1.0
+        nans = Tally(weight.path, weight.name, weight.numel, "F8_E4M3")
         # One scale row per 128 weight rows, expanded along columns only: tiny, and broadcast
         # over the block's rows by the multiply.
         per_col = (scale * bias).repeat_interleave(block_cols, dim=1)[:, :cols].contiguous()
@@ -179,7 +203,11 @@ class Fp8Block(WeightFormat):
             count = min(step, rows - start)
             raw = work.take("raw", count * cols, torch.uint8)
             reader.readinto(weight, start * cols, as_bytes(raw))
-            values = self._widen(raw, work, bias)
+            # The NaN codes 0x7F / 0xFF: the two maxima are taken anyway to pick the widening.
+            has_nan = int(raw.max()) == 0xFF or int(raw.view(torch.int8).max()) == 0x7F
+            if has_nan:
+                nans.add(fp8_nan_count(raw))
+            values = self._widen(raw, work, bias, has_nan)
             result = work.take("out", count * cols, torch.bfloat16)
             first, whole = start // block_rows, count // block_rows
             split = whole * block_rows * cols
@@ -193,14 +221,19 @@ class Fp8Block(WeightFormat):
                 torch.mul(
                     values[split:].view(-1, cols), per_col[first + whole], out=result[split:].view(-1, cols)
                 )
+            if overflow is not None:
+                overflow.add(count_nonfinite(result))
             sink(as_bytes(result))
+        nans.raise_if_any()
+        if overflow is not None:
+            overflow.raise_if_any()
 
     @staticmethod
-    def _widen(raw: torch.Tensor, work: Workspace, bias: float) -> torch.Tensor:
+    def _widen(raw: torch.Tensor, work: Workspace, bias: float, has_nan: bool) -> torch.Tensor:
         """float8 bytes -> float32 values times 1/bias, exactly."""
         values = work.take("f32", raw.numel(), torch.float32)
         # The NaN codes 0x7F / 0xFF have no float32 bit pattern in the trick below.
-        if bias == 1.0 or int(raw.max()) == 0xFF or int(raw.view(torch.int8).max()) == 0x7F:
+        if bias == 1.0 or has_nan:
             values.copy_(raw.view(torch.float8_e4m3fn))
             if bias != 1.0:
                 values.mul_(1.0 / bias)
@@ -280,7 +313,7 @@ class Int4Pack(WeightFormat):
         rows, cols = out.entry.shape
         width = packed.shape[1] * 8
         groups = scale_slot.shape[1]
-        scale = read_tensor(reader, scale_slot, SCALE_DTYPES[scale_slot.dtype]).to(torch.float32)
+        scale, overflow = checked_scale(reader, out, 8.0)  # |q - 8| <= 8
         aligned = width == cols == groups * self.group
         step = max(1, CHUNK_ELEMENTS // max(width, 1))
         for start in range(0, rows, step):
@@ -298,7 +331,11 @@ class Int4Pack(WeightFormat):
                 )
             else:
                 torch.mul(values[:, :cols], local.repeat_interleave(self.group, dim=1)[:, :cols], out=result)
+            if overflow is not None:
+                overflow.add(count_nonfinite(result))
             sink(as_bytes(result))
+        if overflow is not None:
+            overflow.raise_if_any()
 
     @staticmethod
     def _unpack(raw: torch.Tensor, work: Workspace) -> torch.Tensor:

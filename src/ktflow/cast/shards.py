@@ -67,7 +67,22 @@ class TensorSlot:
 
 
 def read_header(path: Path) -> dict[str, TensorSlot]:
-    """Parse and check a shard's header against its size: a truncated or garbled shard fails here."""
+    """Parse and check a shard's header against its size: truncated, garbled or overlapping data fails.
+
+    At least what the safetensors library enforces: a sane header length, a JSON object without
+    duplicate keys, string metadata, byte counts that match dtype x shape, and data offsets that,
+    in order, tile the data section exactly (no gap, no overlap, nothing after the last tensor).
+    """
+    size, raw = _header_bytes(path)
+    header = _parse_header(path, raw)
+    base = 8 + len(raw)
+    slots = {name: _slot(path, name, entry, base) for name, entry in header.items() if name != "__metadata__"}
+    _check_layout(path, slots, base, size)
+    return slots
+
+
+def _header_bytes(path: Path) -> tuple[int, bytes]:
+    """(file size, raw JSON header bytes) once the length prefix is known to fit the file."""
     try:
         size = path.stat().st_size
         with open(path, "rb") as handle:
@@ -75,35 +90,58 @@ def read_header(path: Path) -> dict[str, TensorSlot]:
             if len(prefix) < 8:
                 raise KtflowInputError(path, None, f"not a safetensors file ({size} bytes)")
             (length,) = struct.unpack("<Q", prefix)
-            if length > MAX_HEADER or 8 + length > size:
+            if length > MAX_HEADER:
+                raise KtflowInputError(
+                    path, None, f"not a safetensors file: header length {length} exceeds {MAX_HEADER}"
+                )
+            if 8 + length > size:
                 raise KtflowInputError(
                     path, None, f"corrupt or truncated: header of {length} bytes, file {size}"
                 )
-            raw = handle.read(length)
+            return size, handle.read(length)
     except FileNotFoundError as error:
         raise KtflowInputError(path, None, "shard file is missing") from error
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    found: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in found:
+            raise ValueError(f"key {key!r} appears twice")
+        found[key] = value
+    return found
+
+
+def _parse_header(path: Path, raw: bytes) -> dict[str, Any]:
     try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        header = json.loads(raw, object_pairs_hook=_unique_keys)
+    except (UnicodeDecodeError, ValueError) as error:  # JSONDecodeError is a ValueError
         raise KtflowInputError(path, None, f"corrupt header: {error}") from error
     if not isinstance(header, dict):
         raise KtflowInputError(path, None, "corrupt header: not a JSON object")
-    base = 8 + length
-    slots: dict[str, TensorSlot] = {}
-    data_end = 0
-    for name, entry in header.items():
-        if name == "__metadata__":
-            continue
-        slot = _slot(path, name, entry, base)
+    metadata = header.get("__metadata__", {})
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise KtflowInputError(path, "__metadata__", "corrupt header: must map strings to strings")
+    return header
+
+
+def _check_layout(path: Path, slots: dict[str, TensorSlot], base: int, size: int) -> None:
+    """Tensors sorted by offset must follow each other from the data start to the end of the file."""
+    at, previous = base, None
+    for slot in sorted(slots.values(), key=lambda s: (s.start, s.end)):
+        if slot.start < at:
+            raise KtflowInputError(path, slot.name, f"corrupt header: data overlaps tensor {previous}")
+        if slot.start > at:
+            raise KtflowInputError(
+                path, slot.name, f"corrupt header: {slot.start - at} unaccounted bytes before this tensor"
+            )
         if slot.end > size:
             raise KtflowInputError(
-                path, name, f"truncated shard: tensor data ends at byte {slot.end}, file has {size}"
+                path, slot.name, f"truncated shard: tensor data ends at byte {slot.end}, file has {size}"
             )
-        data_end = max(data_end, slot.end)
-        slots[name] = slot
-    if slots and data_end != size:
-        raise KtflowInputError(path, None, f"corrupt shard: data ends at byte {data_end}, file has {size}")
-    return slots
+        at, previous = slot.end, slot.name
+    if at != size:
+        raise KtflowInputError(path, None, f"corrupt shard: data ends at byte {at}, file has {size}")
 
 
 def _slot(path: Path, name: str, entry: Any, base: int) -> TensorSlot:
