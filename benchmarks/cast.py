@@ -3,6 +3,7 @@
     python benchmarks/cast.py                      # 2 GB FP8 (DeepSeek-V3 layout) + 1 GB INT4 (Kimi)
     python benchmarks/cast.py --out /dev/shm/ktflow-bench --modes durable --repeat 3
     python benchmarks/cast.py --fp8-gb 8 --workers 1 2 4
+    python benchmarks/cast.py --disk --fp8-gb 0.6 --int4-gb 0.6 --rounds 5   # real disk, real CLI
 
 Builds synthetic releases with real matrix sizes (7168 x 2048 experts...), then times, in the
 same run and each in a fresh process (imports excluded, VmHWM peak RSS of the whole process):
@@ -91,7 +92,11 @@ def run_ct(src: Path, dst: Path, workers: int, durable: bool) -> None:
 
 
 def run_floor(src: Path, dst: Path, workers: int, durable: bool) -> None:
-    """Read each source shard and write an output file of the size ktflow writes for it."""
+    """Read each source shard and write an output file of the size ktflow writes for it.
+
+    Durable: every 32 MiB written is handed to the disk at once (fadvise DONTNEED starts its
+    writeback), as ktflow does, so that the floor is the best I/O pattern known, not one ktflow beats.
+    """
     from concurrent.futures import ThreadPoolExecutor
 
     sizes = json.loads(os.environ["KTFLOW_BENCH_SIZES"])
@@ -100,16 +105,15 @@ def run_floor(src: Path, dst: Path, workers: int, durable: bool) -> None:
     def one(name: str) -> None:
         buffer = bytearray(1 << 23)
         view = memoryview(buffer)
-        left = sizes[name]
+        left, written = sizes[name], 0
         with open(src / name, "rb", buffering=0) as source, open(dst / name, "wb", buffering=0) as out:
-            while step := source.readinto(view):
+            while left > 0:
+                step = source.readinto(view) or len(view)  # past the input's end: repeat the buffer
                 take = min(step, left)
                 out.write(view[:take])
-                left -= take
-            while left > 0:
-                take = min(len(view), left)
-                out.write(view[:take])
-                left -= take
+                left, written = left - take, written + take
+                if durable and written % (32 << 20) < take:
+                    os.posix_fadvise(out.fileno(), 0, written, os.POSIX_FADV_DONTNEED)
             if durable:
                 os.fsync(out.fileno())
 
@@ -122,8 +126,8 @@ RUNNERS = {"ktflow": run_ktflow, "compressed-tensors": run_ct, "io-floor": run_f
 
 def child(tool: str, src: Path, dst: Path, workers: int, durable: bool) -> None:
     """Runs in a fresh process: time the call only, report peak RSS of this process."""
-    import torch  # noqa: F401  (imported up front so that import time is not timed)
-
+    if tool != "io-floor":  # the floor needs no torch: its process start-up stays a bare interpreter's
+        import torch  # noqa: F401  (imported up front so that import time is not timed)
     if tool == "compressed-tensors":
         import compressed_tensors.entrypoints.convert  # noqa: F401
     elif tool == "ktflow":
@@ -331,6 +335,16 @@ def main() -> int:
     parser.add_argument("--keep", action="store_true", help="keep the synthetic sources for the next run")
     parser.add_argument("--skip-ct", action="store_true", help="skip compressed-tensors (quick runs)")
     parser.add_argument(
+        "--disk",
+        action="store_true",
+        help="disk mode (benchmarks/cast_disk.py): the real CLI, start-up included, on a real file system, "
+        "CT / ktflow 1 / ktflow 2 / I/O floor interleaved for --rounds rounds",
+    )
+    parser.add_argument("--rounds", type=int, default=5, help="with --disk: interleaved rounds (default 5)")
+    parser.add_argument(
+        "--warm-cache", action="store_true", help="with --disk: do not drop the page cache between runs"
+    )
+    parser.add_argument(
         "--child", nargs=5, metavar=("TOOL", "SRC", "DST", "WORKERS", "MODE"), help=argparse.SUPPRESS
     )
     args = parser.parse_args()
@@ -339,6 +353,10 @@ def main() -> int:
         child(tool, Path(src), Path(dst), int(workers), mode == "durable")
         return 0
     sys.path.insert(0, str(ROOT / "src"))
+    if args.disk:
+        from cast_disk import main_disk
+
+        return main_disk(args, build)
     load = os.getloadavg()[0]  # others' load: on a shared host, wall times are only as good as this
     global REPEAT, WAIT_IDLE
     REPEAT, WAIT_IDLE = max(1, args.repeat), args.wait_idle

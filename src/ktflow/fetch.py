@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from ktflow.atomic import atomic_dir
+from ktflow.cast.shards import read_header
 from ktflow.errors import KtflowInputError
 from ktflow.provenance import PROVENANCE_NAME, recorded
 
@@ -72,10 +73,7 @@ def _snapshot_files(root: Path) -> Iterator[tuple[Path, Path]]:
 
 def _check_safetensors(path: Path) -> None:
     """Reject a truncated, garbled or non-safetensors file by its header, before any step reads it."""
-    # The one header check of the package; imported here because ktflow.cast brings in torch.
-    from ktflow.cast.shards import read_header
-
-    read_header(path)
+    read_header(path)  # the package's one header check
 
 
 def validate_snapshot(root: Path, keep: Callable[[str], bool] | None = None) -> list[tuple[Path, Path]]:

@@ -2,11 +2,31 @@
 
 Bit-exact (float32 product, round to nearest even), streaming (memory does not grow with shard
 size), parallel across shards, resumable after a kill, and verified before it is marked complete.
+
+The public names load on first use: importing ``ktflow.cast.shards`` (the header reader that
+``ktflow fetch`` shares) or ``ktflow.cast.cli`` does not import torch, so ``ktflow cast`` can start
+reading the checkpoint while torch loads.
 """
 
-from ktflow.cast.detect import detect_format
-from ktflow.cast.run import CAST_MARKER, CastReport, cast_checkpoint
-from ktflow.cast.verify import VerifyReport, verify_checkpoint
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ktflow.cast.detect import detect_format
+    from ktflow.cast.run import CastReport, cast_checkpoint
+    from ktflow.cast.shards import CAST_MARKER
+    from ktflow.cast.verify import VerifyReport, verify_checkpoint
+
+_HOMES = {
+    "CAST_MARKER": "ktflow.cast.shards",
+    "CastReport": "ktflow.cast.run",
+    "cast_checkpoint": "ktflow.cast.run",
+    "detect_format": "ktflow.cast.detect",
+    "VerifyReport": "ktflow.cast.verify",
+    "verify_checkpoint": "ktflow.cast.verify",
+}
 
 __all__ = [
     "CAST_MARKER",
@@ -16,3 +36,10 @@ __all__ = [
     "detect_format",
     "verify_checkpoint",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    home = _HOMES.get(name)
+    if home is None:
+        raise AttributeError(f"module 'ktflow.cast' has no attribute {name!r}")
+    return getattr(importlib.import_module(home), name)

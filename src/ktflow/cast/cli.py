@@ -6,8 +6,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from ktflow.cast.run import CAST_MARKER, cast_checkpoint
-from ktflow.cast.verify import verify_checkpoint
+from ktflow.cast.shards import CAST_MARKER, prefetch
 from ktflow.errors import KtflowInputError
 from ktflow.provenance import PROVENANCE_NAME, recorded
 
@@ -49,6 +48,8 @@ def main(args: argparse.Namespace) -> int:
             raise KtflowInputError(
                 None, "arguments", "--verify DST takes no SRC/DST positionals; use --source"
             )
+        from ktflow.cast.verify import verify_checkpoint
+
         checked = verify_checkpoint(args.verify, args.source, values=True)
         checked.raise_if_failed()
         sizes = f"{checked.tensors} tensors in {checked.shards} shards, {checked.total_size} bytes"
@@ -58,6 +59,9 @@ def main(args: argparse.Namespace) -> int:
         raise KtflowInputError(None, "arguments", "need SRC and DST (or --verify DST)")
     if args.source is not None:
         raise KtflowInputError(None, "--source", "only applies with --verify")
+    prefetch(args.src)  # torch is not imported yet: let the disk start meanwhile
+    from ktflow.cast.run import cast_checkpoint
+
     config = {"workers": args.workers, "durable": not args.no_fsync}
     with recorded(args.dst / PROVENANCE_NAME, "cast", config, [args.src]) as extra:
         report = cast_checkpoint(

@@ -37,11 +37,10 @@ from tqdm import tqdm
 from ktflow.atomic import atomic_file, write_json
 from ktflow.cast.formats import Workspace
 from ktflow.cast.plan import CONFIG_NAME, INDEX_NAME, Plan, ShardPlan, bf16_config, build_plan, load_json
-from ktflow.cast.shards import Reader, ShardWriter, disk_errors, file_checksum
+from ktflow.cast.shards import CAST_MARKER, Reader, ShardWriter, disk_errors, file_checksum
 from ktflow.cast.verify import VerifyReport, verify_checkpoint
 from ktflow.errors import KtflowInputError
 
-CAST_MARKER = "cast_complete.json"
 STATE_DIR = ".ktflow-cast"
 T = TypeVar("T")
 

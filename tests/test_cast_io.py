@@ -1,0 +1,36 @@
+"""The cast's disk behaviour (issue 16): early writeback and the prefetch during start-up."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import ktflow.cast.shards as shards
+from ktflow.cast import cast_checkpoint
+from ktflow.cast.shards import file_checksum
+from ktflow.cast.synthetic import write_fp8_release
+
+
+def test_cast_cli_starts_without_torch() -> None:
+    """``ktflow cast`` prefetches the checkpoint before torch loads: only if its CLI module and the
+    shared header reader (also ``ktflow fetch``'s) do not import torch themselves."""
+    probe = "import sys, ktflow.cast.cli, ktflow.fetch; sys.exit('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", probe], check=False).returncode == 0
+
+
+def test_early_writeback_writes_the_same_bytes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    src = write_fp8_release(tmp_path / "src", shard_bytes=1 << 18)
+    cast_checkpoint(src, tmp_path / "plain", progress=False)
+    monkeypatch.setattr(shards, "WRITEBACK_WINDOW", 4096)  # hand off every page
+    cast_checkpoint(src, tmp_path / "handed-off", workers=2, progress=False)
+    files = sorted(p.name for p in (tmp_path / "plain").glob("*.safetensors"))
+    assert files
+    for name in files:
+        assert file_checksum(tmp_path / "plain" / name) == file_checksum(tmp_path / "handed-off" / name)
+
+
+def test_prefetch_tolerates_a_missing_source(tmp_path: Path) -> None:
+    shards.prefetch(tmp_path / "absent")  # the cast then reports the missing source itself
