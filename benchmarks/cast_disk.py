@@ -143,6 +143,29 @@ def summary(
     }
 
 
+def finite_check_cost(src: Path, scratch: Path, rounds: int) -> dict[str, float]:
+    """CPU seconds (user + system) of in-process casts with and without the NaN / Inf check of the
+    copied tensors, interleaved, warm input, output in ``scratch`` without fsync: the check's own cost
+    (the FP8 NaN-code check reuses maxima the widening takes anyway; scales are tiny)."""
+    import ktflow.cast.formats as formats
+    from ktflow.cast import cast_checkpoint
+
+    check = formats.count_nonfinite
+    seconds: dict[str, list[float]] = {"with check": [], "without": []}
+    try:
+        for _ in range(rounds):
+            for mode, counter in (("with check", check), ("without", lambda values: 0)):
+                formats.count_nonfinite = counter
+                before = os.times()
+                cast_checkpoint(src, scratch, progress=False, durable=False)
+                after = os.times()
+                seconds[mode].append(after.user - before.user + after.system - before.system)
+                shutil.rmtree(scratch)
+    finally:
+        formats.count_nonfinite = check
+    return {mode: statistics.median(values) for mode, values in seconds.items()}
+
+
 def disk_table(rows: list[dict[str, Any]]) -> str:
     lines = [
         f"{'format':6} {'tool':18} {'median s':>8} {'min-max s':>13} {'x floor':>7} {'CT / it':>7} "
@@ -177,6 +200,8 @@ def main_disk(args: Any, build: Any) -> int:
         if not (args.keep and (src / "config.json").exists()):
             build(kind, src, size, args.shard_mb)
         rows += bench_disk(kind, src, args.out, args.rounds, not args.warm_cache)
+        cost = finite_check_cost(src, args.out / f"{kind}-finite", args.rounds)
+        print(f"{kind}: NaN / Inf check, median CPU s of the cast: {cost}", flush=True)
         if not args.keep:
             shutil.rmtree(src, ignore_errors=True)
     state = "dropped before every run" if all(r["cold"] for r in rows) else "NOT dropped (warm)"
