@@ -33,6 +33,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -304,6 +305,19 @@ def table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def sources(args: argparse.Namespace) -> Iterator[tuple[str, Path]]:
+    """(kind, synthetic source) for each format asked for; built unless kept, removed unless --keep."""
+    for kind, size in (("fp8", args.fp8_gb), ("int4", args.int4_gb)):
+        if size <= 0:
+            continue
+        src = args.out / f"{kind}-src"
+        if not (args.keep and (src / "config.json").exists()):
+            build(kind, src, size, args.shard_mb)
+        yield kind, src
+        if not args.keep:
+            shutil.rmtree(src, ignore_errors=True)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--fp8-gb", type=float, default=2.0, help="FP8 input size in GB (default 2)")
@@ -356,21 +370,14 @@ def main() -> int:
     if args.disk:
         from cast_disk import main_disk
 
-        return main_disk(args, build)
+        return main_disk(args, sources(args))
     load = os.getloadavg()[0]  # others' load: on a shared host, wall times are only as good as this
     global REPEAT, WAIT_IDLE
     REPEAT, WAIT_IDLE = max(1, args.repeat), args.wait_idle
     args.out.mkdir(parents=True, exist_ok=True)
     rows: list[dict[str, Any]] = []
-    for kind, size in (("fp8", args.fp8_gb), ("int4", args.int4_gb)):
-        if size <= 0:
-            continue
-        src = args.out / f"{kind}-src"
-        if not (args.keep and (src / "config.json").exists()):
-            build(kind, src, size, args.shard_mb)
+    for kind, src in sources(args):
         rows += bench(kind, src, args.out, args.workers, args.modes, args.skip_ct)
-        if not args.keep:
-            shutil.rmtree(src, ignore_errors=True)
     print(
         f"\n{os.cpu_count()} CPUs, load average {load:.1f} before the run; GB/s = output bytes / seconds; "
         "CPU s = user + system seconds of the process; RSS bound = largest input shard + 1 GiB\n"

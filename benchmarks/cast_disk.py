@@ -23,6 +23,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -186,24 +187,17 @@ def disk_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def main_disk(args: Any, build: Any) -> int:
+def main_disk(args: Any, kinds: Iterable[tuple[str, Path]]) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     fs_type = file_system(args.out)
     print(f"--out {args.out} is on {fs_type}", flush=True)
     if fs_type in ("tmpfs", "ramfs"):
         raise SystemExit("--disk measures a real disk: pick an --out on one (not tmpfs)")
     rows: list[dict[str, Any]] = []
-    for kind, size in (("fp8", args.fp8_gb), ("int4", args.int4_gb)):
-        if size <= 0:
-            continue
-        src = args.out / f"{kind}-src"
-        if not (args.keep and (src / "config.json").exists()):
-            build(kind, src, size, args.shard_mb)
+    for kind, src in kinds:
         rows += bench_disk(kind, src, args.out, args.rounds, not args.warm_cache)
         cost = finite_check_cost(src, args.out / f"{kind}-finite", args.rounds)
         print(f"{kind}: NaN / Inf check, median CPU s of the cast: {cost}", flush=True)
-        if not args.keep:
-            shutil.rmtree(src, ignore_errors=True)
     state = "dropped before every run" if all(r["cold"] for r in rows) else "NOT dropped (warm)"
     print(
         f"\n{fs_type} at {args.out}; {os.cpu_count()} CPUs; {args.rounds} interleaved rounds; page cache "

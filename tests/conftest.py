@@ -2,16 +2,46 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import struct
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
+
+
+# ---- safetensors layouts the library refuses (issue 13 item 2), shared by the header tests ----
+Layout = tuple[dict[str, Any], bytes]  # a shard's JSON header and its data section
+
+
+def rewrite_layout(path: Path, change: Callable[[dict[str, Any], bytes], Layout]) -> None:
+    """Rewrite a shard's JSON header and data section by hand (save_file would refuse the result)."""
+    data = path.read_bytes()
+    (length,) = struct.unpack("<Q", data[:8])
+    header, body = change(json.loads(data[8 : 8 + length]), data[8 + length :])
+    raw = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + body)
+
+
+def alias_tensor(header: dict[str, Any], body: bytes, name: str, onto: str) -> Layout:
+    """``name`` points at ``onto``'s bytes and its own are dropped: the data still ends at the file end."""
+    start, end = header[name]["data_offsets"]
+    for entry in header.values():
+        if "data_offsets" in entry and entry["data_offsets"][0] >= end:
+            entry["data_offsets"] = [offset - (end - start) for offset in entry["data_offsets"]]
+    header[name]["data_offsets"] = header[onto]["data_offsets"]
+    return header, body[:start] + body[end:]
+
+
+# ---- end of the issue 13 item 2 block ----
 
 
 def ktflow_env(**extra: str) -> dict[str, str]:

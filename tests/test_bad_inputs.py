@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 import torch
 import yaml
-from conftest import BIN, REPO, ktflow_env, run_ktflow
+from conftest import BIN, REPO, alias_tensor, ktflow_env, rewrite_layout, run_ktflow
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors import safe_open
@@ -475,33 +475,18 @@ def _(i: Inputs) -> Bad:
     return cast_unpublished(i, src, src / SHARD1, "model.embed_tokens.weight", SHARD1)
 
 
-def edit_layout(path: Path, change: Callable[[dict[str, Any], bytes], tuple[dict[str, Any], bytes]]) -> None:
-    """Rewrite a shard's header and data section by hand (save_file would refuse the result)."""
-    data = path.read_bytes()
-    (length,) = struct.unpack("<Q", data[:8])
-    header, body = change(json.loads(data[8 : 8 + length]), data[8 + length :])
-    raw = json.dumps(header).encode()
-    path.write_bytes(struct.pack("<Q", len(raw)) + raw + body)
-
-
 UP_SCALE = "model.layers.0.mlp.up_proj.weight_scale_inv"
 GATE_SCALE = "model.layers.0.mlp.gate_proj.weight_scale_inv"  # same shape, earlier in the header
 
 
 def alias_up_onto_gate(header: dict[str, Any], body: bytes) -> tuple[dict[str, Any], bytes]:
-    """The up scale reads the gate scale's bytes, its own dropped: the data still ends at the file end."""
-    start, end = header[UP_SCALE]["data_offsets"]
-    for entry in header.values():
-        if "data_offsets" in entry and entry["data_offsets"][0] >= end:
-            entry["data_offsets"] = [offset - (end - start) for offset in entry["data_offsets"]]
-    header[UP_SCALE]["data_offsets"] = header[GATE_SCALE]["data_offsets"]
-    return header, body[:start] + body[end:]
+    return alias_tensor(header, body, UP_SCALE, GATE_SCALE)
 
 
 @case("checkpoint-overlapping-data-offsets")
 def _(i: Inputs) -> Bad:
     src = i.copy_release()
-    edit_layout(src / SHARD1, alias_up_onto_gate)
+    rewrite_layout(src / SHARD1, alias_up_onto_gate)
     return cast(i, src, src / SHARD1, UP_SCALE)
 
 
@@ -516,21 +501,21 @@ def _(i: Inputs) -> Bad:
                 entry["data_offsets"] = [offset + 8 for offset in entry["data_offsets"]]
         return header, body[:start] + bytes(8) + body[start:]
 
-    edit_layout(src / SHARD1, gap_before_weight)
+    rewrite_layout(src / SHARD1, gap_before_weight)
     return cast(i, src, src / SHARD1, FP8_WEIGHT)
 
 
 @case("checkpoint-metadata-not-strings")
 def _(i: Inputs) -> Bad:
     src = i.copy_release()
-    edit_layout(src / SHARD1, lambda header, body: (header | {"__metadata__": {"format": 1}}, body))
+    rewrite_layout(src / SHARD1, lambda header, body: (header | {"__metadata__": {"format": 1}}, body))
     return cast(i, src, src / SHARD1, "__metadata__")
 
 
 @case("checkpoint-fetch-overlapping-data-offsets")
 def _(i: Inputs) -> Bad:
     src = i.copy_release()
-    edit_layout(src / SHARD1, alias_up_onto_gate)
+    rewrite_layout(src / SHARD1, alias_up_onto_gate)
     out = i.tmp / "out" / "release"
     return Bad(["fetch", str(out), "--source", "local", "--path", str(src)], src / SHARD1, UP_SCALE, (out,))
 

@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 import torch
+from conftest import alias_tensor, rewrite_layout
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -139,22 +140,8 @@ def small_shard(path: Path) -> Path:
     return path
 
 
-def relayout(path: Path, change: Callable[[dict[str, Any], bytes], tuple[dict[str, Any], bytes]]) -> None:
-    data = path.read_bytes()
-    (length,) = struct.unpack("<Q", data[:8])
-    header, body = change(json.loads(data[8 : 8 + length]), data[8 + length :])
-    raw = json.dumps(header).encode()
-    path.write_bytes(struct.pack("<Q", len(raw)) + raw + body)
-
-
 def overlap(header: dict[str, Any], body: bytes) -> tuple[dict[str, Any], bytes]:
-    """``b`` points at ``a``'s bytes and its own are dropped: the end still matches the file size."""
-    start, end = header["b"]["data_offsets"]
-    for entry in header.values():
-        if "data_offsets" in entry and entry["data_offsets"][0] >= end:
-            entry["data_offsets"] = [offset - (end - start) for offset in entry["data_offsets"]]
-    header["b"]["data_offsets"] = header["a"]["data_offsets"]
-    return header, body[:start] + body[end:]
+    return alias_tensor(header, body, "b", "a")
 
 
 def gap(header: dict[str, Any], body: bytes) -> tuple[dict[str, Any], bytes]:
@@ -180,7 +167,7 @@ def wrong_size(header: dict[str, Any], body: bytes) -> tuple[dict[str, Any], byt
 @pytest.mark.parametrize("damage", [overlap, gap, trailing, metadata_not_strings, wrong_size])
 def test_header_reader_refuses_what_the_library_refuses(tmp_path: Path, damage: Any) -> None:
     path = small_shard(tmp_path / "s.safetensors")
-    relayout(path, damage)
+    rewrite_layout(path, damage)
     with pytest.raises(Exception):  # noqa: B017, PT011 - the library's own error types vary by version
         safe_open(path, "pt")
     with pytest.raises(KtflowInputError) as caught:
@@ -202,7 +189,7 @@ def test_header_reader_refuses_duplicate_keys(tmp_path: Path) -> None:
 
 def test_header_reader_accepts_real_files_in_any_key_order(tmp_path: Path) -> None:
     path = small_shard(tmp_path / "s.safetensors")
-    relayout(path, lambda header, body: (dict(reversed(header.items())), body))
+    rewrite_layout(path, lambda header, body: (dict(reversed(header.items())), body))
     slots = read_header(path)
     assert [slots[n].nbytes for n in "abc"] == [24, 24, 16]
     with safe_open(path, "pt") as handle:
