@@ -267,7 +267,8 @@ class ShardWriter:
         dirty pages without waiting for it, and drops the pages already written: a 1.3 TB output then
         does not push the rest of the machine out of the page cache."""
         start = self._previous  # the window before: written by now, so its pages are dropped
-        os.posix_fadvise(self._handle.fileno(), start, self._written - start, os.POSIX_FADV_DONTNEED)
+        with contextlib.suppress(OSError):  # advice only: a file system may not take it
+            os.posix_fadvise(self._handle.fileno(), start, self._written - start, os.POSIX_FADV_DONTNEED)
         self._previous, self._handed_off = self._handed_off, self._written
 
     def __enter__(self) -> ShardWriter:
@@ -339,10 +340,10 @@ def prefetch(src: Path, budget: int = PREFETCH_BYTES) -> None:
 
     def advise() -> None:
         left = budget
-        for path in sorted(src.glob("*.safetensors"), key=lambda p: -p.stat().st_size):
-            if left <= 0:
-                return
-            with contextlib.suppress(OSError):
+        with contextlib.suppress(OSError):  # advice only: the cast itself reports unreadable shards
+            for path in sorted(src.glob("*.safetensors"), key=lambda p: -p.stat().st_size):
+                if left <= 0:
+                    return
                 handle = os.open(path, os.O_RDONLY)
                 try:
                     length = min(os.fstat(handle).st_size, left)
