@@ -28,6 +28,7 @@ import yaml
 from ktflow.atomic import atomic_dir, sha256_file, write_json, write_text
 from ktflow.errors import HardwareError, KtflowInputError
 from ktflow.fetch import validate_snapshot
+from ktflow.lifetime import claimed, tied_to_parent
 from ktflow.provenance import recorded
 from ktflow.train.backends import backend_for
 from ktflow.train.datasets import HUB_PREFIX, check_rows, dataset_entry, load_rows, write_dataset_info
@@ -135,7 +136,9 @@ def render(spec: TrainSpec, env: EnvReport, work: Path) -> tuple[dict[str, Any],
     return rendered, yaml_path
 
 
-def run_training(spec: TrainSpec, env: EnvReport, out_dir: Path) -> dict[str, Any]:
+def run_training(
+    spec: TrainSpec, env: EnvReport, out_dir: Path, claim_fd: int | None = None
+) -> dict[str, Any]:
     backend = backend_for(spec.backend)
     work = spec.output_dir.parent
     rendered, yaml_path = render(spec, env, work)
@@ -146,7 +149,10 @@ def run_training(spec: TrainSpec, env: EnvReport, out_dir: Path) -> dict[str, An
         print(f"ktflow train: resuming from {checkpoint}", file=sys.stderr)
     child_env = {**os.environ, **backend.environment(spec, env), "PYTHONUNBUFFERED": "1"}
     start = time.perf_counter()
-    completed = subprocess.run(backend.command(spec, env, yaml_path), env=child_env, check=False)
+    # The trainer dies with this process, and keeps the work dir's claim (claim_fd) while it lives.
+    command = tied_to_parent(backend.command(spec, env, yaml_path))
+    fds = () if claim_fd is None else (claim_fd,)
+    completed = subprocess.run(command, env=child_env, check=False, pass_fds=fds)
     wall = time.perf_counter() - start
     if completed.returncode != 0:
         raise RuntimeError(f"LLaMA-Factory training failed (exit {completed.returncode}); see the log above")
@@ -219,6 +225,12 @@ def main(args: argparse.Namespace) -> int:
     entry = check_data(spec, args.train_file)
     # safetensors weights and a readable config.json only: pickled weights never reach torch.load.
     validate_snapshot(args.model_dir)
+    # One trainer per work dir: a second one would resume from checkpoints the first deletes.
+    with claimed(args.work_dir, "`ktflow train` or its trainer") as claim_fd:
+        return train_in(args, spec, entry, claim_fd)
+
+
+def train_in(args: argparse.Namespace, spec: TrainSpec, entry: dict[str, Any], claim_fd: int) -> int:
     from ktflow.doctor import PACKAGES
 
     env = inspect_env(python_for(spec.python, spec.backend), PACKAGES)
@@ -233,7 +245,7 @@ def main(args: argparse.Namespace) -> int:
     if local:
         inputs.append(Path(args.train_file))
     with recorded(args.work_dir / "provenance.json", "train", subset, inputs) as extra:
-        extra.update(run_training(spec, env, args.out_dir))
+        extra.update(run_training(spec, env, args.out_dir, claim_fd))
         extra["doctor"] = verdict_line
         extra["data"] = sha256_file(args.train_file) if local else args.train_file
     shutil.copy2(args.work_dir / "provenance.json", args.out_dir / "provenance.json")
