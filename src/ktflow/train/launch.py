@@ -2,8 +2,8 @@
 
 Runs in the backend's training environment (one process per GPU under ``accelerate
 launch`` or ``torchrun``). It calls LLaMA-Factory's ``run_exp`` with the YAML's
-arguments and one extra ``TrainerCallback`` that records, at the end of training,
-this process's peak GPU memory as torch's caching allocator saw it
+arguments and ktflow's ``TrainerCallback``s: :mod:`ktflow.train.watch`'s, and one that
+records, at the end of training, this process's peak GPU memory as torch's caching allocator saw it
 (``torch.cuda.max_memory_allocated`` / ``max_memory_reserved``). Each rank writes
 ``ktflow_gpu_peak.rank<N>.json`` into the run's output_dir; ``ktflow train`` gathers them.
 Any other command is handed to ``llamafactory-cli`` unchanged.
@@ -63,7 +63,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     import_llamafactory()
     from llamafactory.train.tuner import run_exp
 
-    run_exp(args=yaml.safe_load(Path(args[1]).read_text(encoding="utf-8")), callbacks=[gpu_peak_callback()])
+    from ktflow.train.watch import nonfinite_guard
+
+    callbacks = [nonfinite_guard(), gpu_peak_callback()]
+    run_exp(args=yaml.safe_load(Path(args[1]).read_text(encoding="utf-8")), callbacks=callbacks)
     return 0
 
 

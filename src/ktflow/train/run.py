@@ -35,6 +35,7 @@ from ktflow.train.datasets import HUB_PREFIX, check_rows, dataset_entry, load_ro
 from ktflow.train.env import EnvReport, inspect_env, python_for
 from ktflow.train.launch import GPU_PEAK_GLOB
 from ktflow.train.spec import TrainSpec
+from ktflow.train.watch import NONFINITE_RECORD, describe_nonfinite, read_nonfinite
 
 # What LLaMA-Factory leaves that is worth keeping next to the adapter (plus training_*.png).
 PUBLISHED = (
@@ -47,6 +48,7 @@ PUBLISHED = (
     "train_results.json",
 )
 MB = 1 << 20
+NONFINITE_ADVICE = "(check the base model's weights for NaN/Inf, or lower training.learning_rate)"
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
@@ -101,6 +103,19 @@ def training_metrics(run_dir: Path, wall_seconds: float, peak_rss_bytes: int) ->
     }
 
 
+def check_finite(path: Path) -> None:
+    """KtflowInputError naming the first tensor of ``path`` with NaN or infinite values."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as tensors:
+        for name in tensors.keys():  # noqa: SIM118 (safe_open is not a mapping)
+            tensor = tensors.get_tensor(name)
+            bad = int((~tensor.isfinite()).sum()) if tensor.is_floating_point() else 0
+            if bad:
+                what = f"{bad} of {tensor.numel()} values are NaN or infinite: not published"
+                raise KtflowInputError(path, name, f"{what} {NONFINITE_ADVICE}")
+
+
 def preflight(spec: TrainSpec, env: EnvReport, results_dir: Path) -> str:
     """Doctor's verdict for this run; HardwareError (before any work) if it cannot run here."""
     from ktflow.doctor import check_backend, collect_host, verdict
@@ -148,12 +163,17 @@ def run_training(
         write_text(yaml_path, yaml.safe_dump(rendered, sort_keys=True))
         print(f"ktflow train: resuming from {checkpoint}", file=sys.stderr)
     child_env = {**os.environ, **backend.environment(spec, env), "PYTHONUNBUFFERED": "1"}
+    (spec.output_dir / NONFINITE_RECORD).unlink(missing_ok=True)
     start = time.perf_counter()
     # The trainer dies with this process, and keeps the work dir's claim (claim_fd) while it lives.
     command = tied_to_parent(backend.command(spec, env, yaml_path))
     fds = () if claim_fd is None else (claim_fd,)
     completed = subprocess.run(command, env=child_env, check=False, pass_fds=fds)
     wall = time.perf_counter() - start
+    stopped = read_nonfinite(spec.output_dir)
+    if stopped is not None:
+        message = f"{describe_nonfinite(stopped)}: training stopped, no adapter published " + NONFINITE_ADVICE
+        raise KtflowInputError(spec.output_dir, None, message)
     if completed.returncode != 0:
         raise RuntimeError(f"LLaMA-Factory training failed (exit {completed.returncode}); see the log above")
     # ru_maxrss is in KiB on Linux and covers the largest finished descendant.
@@ -167,6 +187,8 @@ def run_training(
                 shutil.copy2(spec.output_dir / name, tmp / name)
         if not (tmp / "adapter_model.safetensors").is_file():
             raise RuntimeError(f"{spec.output_dir}: LLaMA-Factory finished without adapter_model.safetensors")
+        for path in sorted(tmp.glob("*.safetensors")):
+            check_finite(path)
         for path in work.glob("*.yaml"):
             shutil.copy2(path, tmp / path.name)
         write_json(tmp / "train_metrics.json", metrics)

@@ -1,0 +1,83 @@
+"""Real short LLaMA-Factory runs on the tiny BF16 model: what ``ktflow train`` refuses to publish.
+
+A model with one NaN weight trains to NaN gradients; ``ktflow train`` must stop on the first
+logged non-finite loss or gradient norm, exit non-zero with one line naming the step and the
+value, and publish no adapter.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from conftest import run_ktflow
+from safetensors.torch import load_file, save_file
+
+from ktflow.errors import KtflowInputError
+from ktflow.train.run import check_finite
+
+SHORT = {
+    "stage": "sft",
+    "backend": "hf",
+    "lora": {"rank": 4, "alpha": 8, "target": "all"},
+    "epochs": 1,
+    "batch_size": 4,
+    "cutoff_len": 64,
+    "logging_steps": 2,
+    "save_steps": 4,
+}
+
+
+def train(model: Path, tiny_tasks: Path, tmp_path: Path, spec: dict[str, Any] = SHORT) -> Any:
+    return run_ktflow(
+        "train", str(model), str(tiny_tasks / "style" / "train.json"), str(tmp_path / "adapter"),
+        "--work-dir", str(tmp_path / "work"), "--results-dir", str(tmp_path), "--dataset-name", "style",
+        "--spec", json.dumps(spec), check=False,
+    )  # fmt: skip
+
+
+def with_nan(tiny_bf16: Path, out: Path, tensor: str) -> Path:
+    model = Path(shutil.copytree(tiny_bf16, out))
+    for shard in sorted(model.glob("*.safetensors")):
+        weights = load_file(str(shard))
+        if tensor in weights:
+            weights[tensor].view(-1)[0] = float("nan")
+            save_file(weights, str(shard), metadata={"format": "pt"})
+            return model
+    raise AssertionError(f"{tensor} not in {tiny_bf16}")
+
+
+@pytest.mark.slow
+def test_nan_weight_stops_training_and_publishes_nothing(
+    tiny_bf16: Path, tiny_tasks: Path, tmp_path: Path
+) -> None:
+    # One NaN in the final norm reaches every logit, so the first step's loss and gradients.
+    model = with_nan(tiny_bf16, tmp_path / "nan-model", "model.norm.weight")
+    result = train(model, tiny_tasks, tmp_path)
+    assert result.returncode == 2, result.stderr[-3000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("ktflow train: error: ")]
+    assert len(errors) == 1, result.stderr[-3000:]
+    assert "step 2 (epoch " in errors[0] and "grad_norm is nan" in errors[0], errors[0]
+    assert "no adapter published" in errors[0]
+    assert not (tmp_path / "adapter").exists()
+    assert not list(tmp_path.glob(".adapter.*")), "no half-published adapter either"
+    assert not list((tmp_path / "work" / "run").glob("adapter_model.safetensors"))
+
+
+def test_adapter_with_a_nan_is_refused_naming_the_tensor(tmp_path: Path) -> None:
+    good = torch.zeros(4, 8, dtype=torch.bfloat16)
+    bad = good.clone()
+    bad[1, 2] = float("inf")
+    bad[3, 0] = float("nan")
+    path = tmp_path / "adapter_model.safetensors"
+    save_file({"a.lora_A.weight": good, "a.lora_B.weight": bad}, str(path))
+    with pytest.raises(KtflowInputError) as caught:
+        check_finite(path)
+    assert caught.value.path == str(path) and caught.value.field == "a.lora_B.weight"
+    assert "2 of 32 values are NaN or infinite" in caught.value.message
+    save_file({"a.lora_A.weight": good, "a.lora_B.weight": good.clone()}, str(path))
+    check_finite(path)
