@@ -26,6 +26,7 @@ SHORT = {
     "lora": {"rank": 4, "alpha": 8, "target": "all"},
     "epochs": 1,
     "batch_size": 4,
+    "gradient_accumulation_steps": 1,
     "cutoff_len": 64,
     "logging_steps": 2,
     "save_steps": 4,
@@ -81,3 +82,45 @@ def test_adapter_with_a_nan_is_refused_naming_the_tensor(tmp_path: Path) -> None
     assert "2 of 32 values are NaN or infinite" in caught.value.message
     save_file({"a.lora_A.weight": good, "a.lora_B.weight": good.clone()}, str(path))
     check_finite(path)
+
+
+# ---- issue 13.6: throughput after a resume counts only the steps this process ran ---------------
+
+
+def tokens_at(run_dir: Path, step: int) -> int:
+    state = json.loads((run_dir / f"checkpoint-{step}" / "trainer_state.json").read_text())
+    return int(state["num_input_tokens_seen"])
+
+
+@pytest.mark.slow
+def test_throughput_after_a_resume_counts_only_this_process(
+    tiny_bf16: Path, tiny_tasks: Path, tmp_path: Path
+) -> None:
+    # 64 rows / batch 4: 16 steps, checkpoints at 12 and 16 (LLaMA-Factory keeps the last two).
+    run_dir, published = tmp_path / "work" / "run", tmp_path / "adapter" / "train_metrics.json"
+
+    def metrics() -> dict[str, Any]:
+        result = train(tiny_bf16, tiny_tasks, tmp_path)
+        assert result.returncode == 0, result.stderr[-3000:]
+        return dict(json.loads(published.read_text()))
+
+    fresh = metrics()
+    assert fresh["resumed_from_step"] is None and fresh["steps_run"] == fresh["steps"] == 16
+    assert fresh["throughput_basis"] == "steps run by this process"
+    assert fresh["tokens_run"] == fresh["tokens_seen"] > 0 and fresh["step_time_s"] > 0
+    at_12, at_16 = tokens_at(run_dir, 12), tokens_at(run_dir, 16)
+
+    # Resumed from the final checkpoint: nothing left to train, so no throughput at all (not
+    # the whole run's tokens over a near-zero runtime).
+    nothing = metrics()
+    assert nothing["resumed_from_step"] == 16 and nothing["steps_run"] == 0 and nothing["steps"] == 16
+    assert nothing["tokens_per_s"] is None and nothing["step_time_s"] is None
+
+    # Resumed from step 12: four steps and their tokens only.
+    shutil.rmtree(run_dir / "checkpoint-16")
+    resumed = metrics()
+    assert resumed["resumed_from_step"] == 12 and resumed["steps_run"] == 4
+    assert resumed["tokens_run"] == at_16 - at_12 and resumed["tokens_seen"] == at_16
+    assert resumed["tokens_per_s"] == pytest.approx(resumed["tokens_run"] / resumed["seconds_run"], rel=1e-3)
+    # The same model and data: per-step cost within a factor of a few of the fresh run's.
+    assert 0.2 < resumed["step_time_s"] / fresh["step_time_s"] < 5

@@ -63,9 +63,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     import_llamafactory()
     from llamafactory.train.tuner import run_exp
 
-    from ktflow.train.watch import nonfinite_guard
+    from ktflow.train.watch import nonfinite_guard, this_process_clock
 
-    callbacks = [nonfinite_guard(), gpu_peak_callback()]
+    callbacks = [nonfinite_guard(), this_process_clock(), gpu_peak_callback()]
     run_exp(args=yaml.safe_load(Path(args[1]).read_text(encoding="utf-8")), callbacks=callbacks)
     return 0
 

@@ -35,7 +35,13 @@ from ktflow.train.datasets import HUB_PREFIX, check_rows, dataset_entry, load_ro
 from ktflow.train.env import EnvReport, inspect_env, python_for
 from ktflow.train.launch import GPU_PEAK_GLOB
 from ktflow.train.spec import TrainSpec
-from ktflow.train.watch import NONFINITE_RECORD, describe_nonfinite, read_nonfinite
+from ktflow.train.watch import (
+    NONFINITE_RECORD,
+    THIS_PROCESS_RECORD,
+    describe_nonfinite,
+    read_nonfinite,
+    read_this_process,
+)
 
 # What LLaMA-Factory leaves that is worth keeping next to the adapter (plus training_*.png).
 PUBLISHED = (
@@ -83,20 +89,33 @@ def gpu_metrics(run_dir: Path) -> dict[str, Any]:
     }
 
 
+def throughput(record: dict[str, Any] | None) -> dict[str, Any]:
+    """Tokens/s and step time of the steps this process ran (after a resume: only those)."""
+    if record is None:
+        return dict.fromkeys(("throughput_basis", "resumed_from_step", "tokens_per_s", "step_time_s"))
+    steps, tokens, seconds = record["steps_run"], record["tokens_run"], record["seconds"]
+    return {
+        "throughput_basis": "steps run by this process",
+        "resumed_from_step": record["resumed_from_step"],
+        "steps_run": steps,
+        "tokens_run": tokens,
+        "seconds_run": round(seconds, 3),
+        "tokens_per_s": round(tokens / seconds, 3) if steps and tokens and seconds > 0 else None,
+        "step_time_s": round(seconds / steps, 4) if steps and seconds > 0 else None,
+    }
+
+
 def training_metrics(run_dir: Path, wall_seconds: float, peak_rss_bytes: int) -> dict[str, Any]:
     results_path, state_path = run_dir / "all_results.json", run_dir / "trainer_state.json"
     results = json.loads(results_path.read_text()) if results_path.is_file() else {}
     history = json.loads(state_path.read_text()).get("log_history", []) if state_path.is_file() else []
     tokens = max((entry.get("num_input_tokens_seen", 0) for entry in history), default=0)
-    runtime = float(results.get("train_runtime", wall_seconds))
-    steps = int(history[-1].get("step", 0)) if history else 0
     return {
-        "train_runtime_s": runtime,
+        "train_runtime_s": float(results.get("train_runtime", wall_seconds)),
         "wall_s": round(wall_seconds, 3),
-        "tokens_seen": tokens,
-        "tokens_per_s": round(tokens / runtime, 3) if runtime and tokens else None,
-        "steps": steps,
-        "step_time_s": round(runtime / steps, 4) if steps else None,
+        "tokens_seen": tokens,  # the whole run's, resumed steps included
+        "steps": int(history[-1].get("step", 0)) if history else 0,
+        **throughput(read_this_process(run_dir)),
         "train_loss": results.get("train_loss"),
         "peak_host_rss_mb": round(peak_rss_bytes / MB, 1),
         **gpu_metrics(run_dir),
@@ -163,7 +182,8 @@ def run_training(
         write_text(yaml_path, yaml.safe_dump(rendered, sort_keys=True))
         print(f"ktflow train: resuming from {checkpoint}", file=sys.stderr)
     child_env = {**os.environ, **backend.environment(spec, env), "PYTHONUNBUFFERED": "1"}
-    (spec.output_dir / NONFINITE_RECORD).unlink(missing_ok=True)
+    for stale in (NONFINITE_RECORD, THIS_PROCESS_RECORD):
+        (spec.output_dir / stale).unlink(missing_ok=True)
     start = time.perf_counter()
     # The trainer dies with this process, and keeps the work dir's claim (claim_fd) while it lives.
     command = tied_to_parent(backend.command(spec, env, yaml_path))

@@ -9,18 +9,24 @@ run in the training process (every rank) without patching either library.
   never saves a final adapter. ``grad_norm`` is the reliable signal: transformers'
   ``logging_nan_inf_filter`` replaces a NaN loss by the running mean before it is logged,
   while a NaN gradient norm is logged as it is.
+- ``ThisProcessClock``: the steps, input tokens and wall time of the training this process
+  ran (from ``on_train_begin``, after a resumed checkpoint's state is loaded, to
+  ``on_train_end``), in ``ktflow_this_process.json``: after a resume, throughput counts only
+  these, never the checkpoint's tokens over this process's time.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import time
 from pathlib import Path
 from typing import Any
 
 NONFINITE_RECORD = "ktflow_nonfinite.json"
 NONFINITE_EXIT = 86
 WATCHED = ("loss", "grad_norm")
+THIS_PROCESS_RECORD = "ktflow_this_process.json"
 
 
 def first_nonfinite(logs: dict[str, Any]) -> tuple[str, float] | None:
@@ -63,4 +69,32 @@ def nonfinite_guard() -> Any:
 
 def read_nonfinite(run_dir: Path) -> dict[str, Any] | None:
     path = run_dir / NONFINITE_RECORD
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def this_process_clock() -> Any:
+    from transformers import TrainerCallback
+
+    from ktflow.atomic import write_json
+
+    class ThisProcessClock(TrainerCallback):  # type: ignore[misc]
+        def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            self.start = (time.monotonic(), state.global_step, state.num_input_tokens_seen)
+
+        def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            started, first_step, first_tokens = self.start
+            if state.is_world_process_zero:
+                record = {
+                    "resumed_from_step": first_step or None,
+                    "steps_run": state.global_step - first_step,
+                    "tokens_run": state.num_input_tokens_seen - first_tokens,
+                    "seconds": time.monotonic() - started,
+                }
+                write_json(Path(args.output_dir) / THIS_PROCESS_RECORD, record)
+
+    return ThisProcessClock()
+
+
+def read_this_process(run_dir: Path) -> dict[str, Any] | None:
+    path = run_dir / THIS_PROCESS_RECORD
     return json.loads(path.read_text()) if path.is_file() else None
