@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -124,3 +125,39 @@ def test_throughput_after_a_resume_counts_only_this_process(
     assert resumed["tokens_per_s"] == pytest.approx(resumed["tokens_run"] / resumed["seconds_run"], rel=1e-3)
     # The same model and data: per-step cost within a factor of a few of the fresh run's.
     assert 0.2 < resumed["step_time_s"] / fresh["step_time_s"] < 5
+
+
+# ---- issue 13.8: a full disk while LLaMA-Factory writes a checkpoint is one line ---------------
+
+
+@pytest.fixture
+def tiny_tmpfs(tmp_path: Path) -> Any:
+    """A 256 KiB tmpfs: room for the run's logs, not for one checkpoint (~480 KiB here)."""
+    mount = tmp_path / "small-disk"
+    mount.mkdir()
+    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount)], check=False)
+    if made.returncode != 0:
+        pytest.skip("needs root to mount a small tmpfs")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+@pytest.mark.slow
+def test_disk_full_during_a_checkpoint_is_one_line(
+    tiny_bf16: Path, tiny_tasks: Path, tmp_path: Path, tiny_tmpfs: Path
+) -> None:
+    work = tiny_tmpfs / "work"
+    result = run_ktflow(
+        "train", str(tiny_bf16), str(tiny_tasks / "style" / "train.json"), str(tmp_path / "adapter"),
+        "--work-dir", str(work), "--results-dir", str(tiny_tmpfs), "--dataset-name", "style",
+        "--spec", json.dumps(SHORT), check=False,
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr[-3000:]
+    # The preflight does not refuse a small disk as a hardware problem of the (finished) cast.
+    assert "Traceback" not in result.stderr and "hardware" not in result.stderr, result.stderr[-3000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("ktflow train: error: ")]
+    assert len(errors) == 1 and str(work / "run") in errors[0], result.stderr[-3000:]
+    assert "the disk filled while LLaMA-Factory wrote a checkpoint" in errors[0]
+    assert not (tmp_path / "adapter").exists()

@@ -63,10 +63,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     import_llamafactory()
     from llamafactory.train.tuner import run_exp
 
-    from ktflow.train.watch import nonfinite_guard, this_process_clock
+    from ktflow.train.watch import STORAGE_EXIT, nonfinite_guard, storage_full, this_process_clock
 
     callbacks = [nonfinite_guard(), this_process_clock(), gpu_peak_callback()]
-    run_exp(args=yaml.safe_load(Path(args[1]).read_text(encoding="utf-8")), callbacks=callbacks)
+    training = yaml.safe_load(Path(args[1]).read_text(encoding="utf-8"))
+    try:
+        run_exp(args=training, callbacks=callbacks)
+    except Exception as error:
+        if not storage_full(error, Path(training["output_dir"])):
+            raise
+        return STORAGE_EXIT  # `ktflow train` reports it in one line: no traceback for a full disk
     return 0
 
 

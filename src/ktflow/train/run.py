@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import hashlib
 import json
 import os
@@ -25,7 +26,7 @@ from typing import Any
 
 import yaml
 
-from ktflow.atomic import atomic_dir, sha256_file, write_json, write_text
+from ktflow.atomic import StorageError, atomic_dir, sha256_file, write_json, write_text
 from ktflow.errors import HardwareError, KtflowInputError
 from ktflow.fetch import validate_snapshot
 from ktflow.lifetime import claimed, tied_to_parent
@@ -37,6 +38,7 @@ from ktflow.train.launch import GPU_PEAK_GLOB
 from ktflow.train.spec import TrainSpec
 from ktflow.train.watch import (
     NONFINITE_RECORD,
+    STORAGE_EXIT,
     THIS_PROCESS_RECORD,
     describe_nonfinite,
     read_nonfinite,
@@ -151,6 +153,10 @@ def preflight(spec: TrainSpec, env: EnvReport, results_dir: Path) -> str:
             batch_size=spec.batch_size,
             hf_weight_bytes=2 if spec.bf16 else 4,
         )
+    if requirements is not None:
+        # The cast is done by now: its disk need is not training's (a full disk is reported
+        # where a write fails, as a storage error naming the path).
+        requirements = dataclasses.replace(requirements, bf16_disk_bytes=0)
     label = backend_for(spec.backend).label(spec, env)
     problems = check_backend(collect_host(results_dir, env), label, requirements)
     line = verdict(label, problems)
@@ -194,6 +200,13 @@ def run_training(
     if stopped is not None:
         message = f"{describe_nonfinite(stopped)}: training stopped, no adapter published " + NONFINITE_ADVICE
         raise KtflowInputError(spec.output_dir, None, message)
+    if completed.returncode == STORAGE_EXIT:
+        free = shutil.disk_usage(spec.output_dir).free
+        message = (
+            f"the disk filled while LLaMA-Factory wrote a checkpoint ({free} bytes free); nothing was "
+            "published: free space and rerun (training resumes from the last complete checkpoint)"
+        )
+        raise StorageError(spec.output_dir, None, message)
     if completed.returncode != 0:
         raise RuntimeError(f"LLaMA-Factory training failed (exit {completed.returncode}); see the log above")
     # ru_maxrss is in KiB on Linux and covers the largest finished descendant.

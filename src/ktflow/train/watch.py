@@ -17,8 +17,10 @@ run in the training process (every rank) without patching either library.
 
 from __future__ import annotations
 
+import errno
 import json
 import math
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -27,6 +29,11 @@ NONFINITE_RECORD = "ktflow_nonfinite.json"
 NONFINITE_EXIT = 86
 WATCHED = ("loss", "grad_norm")
 THIS_PROCESS_RECORD = "ktflow_this_process.json"
+STORAGE_EXIT = 87
+_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+# torch's zip writer reports a short write on a full disk as "unexpected pos", with no errno:
+# a failure while the output's file system has less than this free counts as a full disk.
+LOW_SPACE = 64 << 20
 
 
 def first_nonfinite(logs: dict[str, Any]) -> tuple[str, float] | None:
@@ -98,3 +105,16 @@ def this_process_clock() -> Any:
 def read_this_process(run_dir: Path) -> dict[str, Any] | None:
     path = run_dir / THIS_PROCESS_RECORD
     return json.loads(path.read_text()) if path.is_file() else None
+
+
+def storage_full(error: BaseException, output_dir: Path) -> bool:
+    """Whether ``error`` is a write refused for lack of space (in its chain, or ``output_dir`` full)."""
+    seen: BaseException | None = error
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in _FULL:
+            return True
+        seen = seen.__cause__ or seen.__context__
+    try:
+        return shutil.disk_usage(output_dir).free < LOW_SPACE
+    except OSError:
+        return False
