@@ -8,38 +8,18 @@ picks it) and its trainer must be gone within seconds.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import psutil
 import pytest
 from conftest import ktflow_env
+from test_resume import train_command  # 48 steps: the kill always comes mid-training
 
 from ktflow.lifetime import claimed
-
-SPEC = {
-    "stage": "sft",
-    "backend": "hf",
-    "lora": {"rank": 4, "alpha": 8, "target": "all"},
-    "epochs": 50,  # far longer than the test waits: the kill always comes mid-training
-    "batch_size": 4,
-    "cutoff_len": 64,
-    "logging_steps": 1,
-    "save_steps": 1000,
-}
-
-
-def train_command(tiny_bf16: Path, tiny_tasks: Path, tmp_path: Path) -> list[str]:
-    return [
-        sys.executable, "-m", "ktflow", "train", str(tiny_bf16), str(tiny_tasks / "style" / "train.json"),
-        str(tmp_path / "adapter"), "--work-dir", str(tmp_path / "work"), "--results-dir", str(tmp_path),
-        "--dataset-name", "style", "--spec", json.dumps(SPEC),
-    ]  # fmt: skip
 
 
 def trainer_of(parent: psutil.Process, timeout_s: float) -> psutil.Process:

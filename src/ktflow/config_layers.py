@@ -17,7 +17,6 @@ loads it before any workflow code runs (its message names neither file nor line)
 
 from __future__ import annotations
 
-import copy
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ from typing import Any
 
 import yaml
 
+from ktflow.config import _merge
 from ktflow.errors import KtflowInputError
 
 DEFAULT = Path("config/config.yaml")
@@ -107,21 +107,10 @@ def layers(default: Path, configfiles: Iterable[Path], cli: Mapping[str, Any]) -
     return found
 
 
-def merge(base: dict[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
-    """``override`` over ``base``, recursively (as Snakemake's update_config)."""
-    merged = copy.deepcopy(base)
-    for key, value in override.items():
-        if isinstance(value, Mapping) and isinstance(merged.get(key), dict):
-            merged[key] = merge(merged[key], value)
-        else:
-            merged[key] = copy.deepcopy(value)
-    return merged
-
-
 def merged(found: list[Layer]) -> dict[str, Any]:
     result: dict[str, Any] = {}
     for layer in found:
-        result = merge(result, layer.data)
+        result = _merge(result, layer.data)
     return result
 
 
