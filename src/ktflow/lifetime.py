@@ -20,6 +20,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+from ktflow.atomic import storage_errors
 from ktflow.errors import KtflowInputError
 
 PR_SET_PDEATHSIG = 1
@@ -46,9 +47,10 @@ def claimed(directory: Path, what: str) -> Iterator[int]:
     Yields the lock's file descriptor: pass it to children (``pass_fds``) that should keep
     the claim while they live.
     """
-    directory.mkdir(parents=True, exist_ok=True)
     path = directory / LOCK_NAME
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    with storage_errors(path):  # a full or read-only disk: one line naming the path
+        directory.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -59,8 +61,9 @@ def claimed(directory: Path, what: str) -> Iterator[int]:
                 None,
                 f"in use by another {what} (pid {holder}); wait for it to finish or stop it first",
             ) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        with storage_errors(path):
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         yield fd
     finally:
         os.close(fd)
