@@ -4,11 +4,10 @@ from snakemake.utils import min_version
 min_version("9.27")
 
 
-configfile: "config/config.yaml"
-
-
-# common.smk validates the config against workflow/schemas/config.schema.yaml (JSON Schema
-# 2020-12) and the cross-field rules, with one error line naming the file and the key.
+# common.smk reads config/config.yaml (when present), each --configfile and --config itself
+# (ktflow.configfile: file and line for a YAML error or a duplicate key), then validates the
+# merged config against workflow/schemas/config.schema.yaml (JSON Schema 2020-12) and the
+# cross-field rules, with one error line naming the file that set the bad key, and the key.
 include: "workflow/rules/common.smk"
 include: "workflow/rules/model.smk"
 include: "workflow/rules/data.smk"

@@ -776,3 +776,115 @@ def test_config_check_accepts_or_names_a_key(edits: list[tuple[str, str, Any]]) 
             config[block] = value
     error, _ = failure(lambda: check_config(config, "config.yaml", schema=SCHEMA))
     assert error is None or (error.path == "config.yaml" and error.field)
+
+
+# ---- issue 13 (items 1, 5, 8; trainer session): outputs under a regular file, a NaN model -------
+# Same contract as the catalogue above (exit 2, one line naming the file), each case its own run.
+
+TRAINER_CASES: dict[str, Callable[[Inputs], Bad]] = {}
+
+
+def trainer_case(name: str) -> Callable[[Callable[[Inputs], Bad]], Callable[[Inputs], Bad]]:
+    def register(build: Callable[[Inputs], Bad]) -> Callable[[Inputs], Bad]:
+        TRAINER_CASES[name] = build
+        return build
+
+    return register
+
+
+@trainer_case("output-under-a-regular-file")
+def _(i: Inputs) -> Bad:
+    out = write(i.tmp / "taken", "a file, not a directory") / "style"
+    return Bad(["tiny-tasks", "style", str(out)], out, None, (out,))
+
+
+@trainer_case("train-work-dir-under-a-regular-file")
+def _(i: Inputs) -> Bad:
+    data = write(i.tmp / "train.json", ALPACA)
+    work = write(i.tmp / "taken", "a file") / "work"
+    argv = ["train", str(i.bf16), str(data), str(i.tmp / "adapter"), "--work-dir", str(work)]
+    return Bad([*argv, "--spec", json.dumps(SFT)], work, None, (i.tmp / "adapter",))
+
+
+@pytest.mark.parametrize("name", list(TRAINER_CASES))
+def test_trainer_session_bad_input_gives_one_line(name: str, inputs: Inputs) -> None:
+    bad = TRAINER_CASES[name](inputs)
+    result = run_ktflow(*bad.argv, check=False)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    prefix = f"ktflow {bad.argv[0]}: error: "
+    errors = [line for line in result.stderr.splitlines() if line.startswith(prefix)]
+    assert len(errors) == 1 and f"{bad.file}: " in errors[0], result.stderr[-3000:]
+    assert not leftovers(bad.outputs), leftovers(bad.outputs)
+
+
+# ---- issue 13.8 (trainer session): config files read strictly, errors blamed on the right layer --
+
+
+def plan_workflow(workdir: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    command = [str(BIN / "snakemake"), "-s", str(REPO / "Snakefile"), "-n", "--cores", "1", *args]
+    return subprocess.run(command, cwd=workdir, capture_output=True, text=True, env=ktflow_env(), check=False)
+
+
+def config_error(result: subprocess.CompletedProcess[str]) -> str:
+    output = result.stdout + result.stderr
+    assert result.returncode != 0 and "Traceback" not in output, output[-3000:]
+    lines = [line for line in output.splitlines() if line.startswith("ktflow: invalid config: ")]
+    assert len(lines) == 1, output[-3000:]
+    return lines[0]
+
+
+def test_yaml_syntax_error_names_file_and_line(workdir: Path) -> None:
+    text = (workdir / "config.yaml").read_text().replace("seed: 42", "seed: [42")
+    (workdir / "config" / "config.yaml").parent.mkdir()
+    (workdir / "config" / "config.yaml").write_text(text)  # the Snakefile's default config file
+    line = config_error(plan_workflow(workdir))
+    assert "config/config.yaml: line " in line and "not valid YAML" in line, line
+    assert not (workdir / "results").exists()
+
+
+@pytest.mark.parametrize("block", ["models", "tasks"])
+def test_duplicate_key_names_file_line_and_key(block: str, workdir: Path) -> None:
+    config = (workdir / "config.yaml").read_text()
+    lines = config.splitlines()
+    start = lines.index(f"{block}:")
+    body = []  # the first entry: its name line, then its indented lines
+    for x in lines[start + 2 :]:
+        if not x.startswith("    "):
+            break
+        body.append(x)
+    twice = [lines[start + 1], *body]
+    edited = [*lines[: start + 1], *twice, *lines[start + 1 :]]
+    (workdir / "config.yaml").write_text("\n".join(edited) + "\n")
+    name = lines[start + 1].strip().rstrip(":")
+    line = config_error(plan_workflow(workdir, "--configfile", "config.yaml"))
+    second = start + 2 + len(twice)
+    assert f"config.yaml: line {second}: key {name!r} is given twice (first on line {start + 2})" in line, (
+        line
+    )
+
+
+def test_error_in_an_added_configfile_is_blamed_on_it(workdir: Path) -> None:
+    (workdir / "config").mkdir()
+    shutil.copy(workdir / "config.yaml", workdir / "config" / "config.yaml")
+    write(workdir / "overlay.yaml", "training:\n  epochs: six\n")
+    line = config_error(plan_workflow(workdir, "--configfile", "overlay.yaml"))
+    assert "overlay.yaml: training.epochs: " in line, line
+
+
+def test_nested_config_on_the_command_line_keeps_its_types(workdir: Path) -> None:
+    result = plan_workflow(workdir, "--configfile", "config.yaml", "--config", "training={lora: {rank: 4}}")
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    from ktflow.config_layers import layers, merged
+
+    found = layers(
+        workdir / "no-default.yaml", [workdir / "config.yaml"], {"training": {"lora": {"rank": "4"}}}
+    )
+    lora = merged(found)["training"]["lora"]
+    assert lora["rank"] == 4 and lora["alpha"] == 32, lora  # typed, and merged into the file's block
+
+
+def test_strict_loader_keeps_yaml_merge_keys(tmp_path: Path) -> None:
+    from ktflow.config_layers import load_yaml
+
+    path = write(tmp_path / "c.yaml", "base: &b {rank: 8, alpha: 16}\nrun:\n  <<: *b\n  alpha: 32\n")
+    assert load_yaml(path)["run"] == {"rank": 8, "alpha": 32}  # an override of a merged key is no duplicate

@@ -3,6 +3,7 @@ import os
 import sys
 from pathlib import Path
 
+from ktflow import config_layers
 from ktflow.config import (
     as_json,
     check_config,
@@ -13,15 +14,24 @@ from ktflow.errors import KtflowInputError
 from ktflow.jobenv import put_interpreter_first_on_path
 from ktflow.status import code_version
 
+CONFIG_LAYERS = []
 try:
+    CONFIG_LAYERS = config_layers.layers(
+        config_layers.DEFAULT,
+        workflow.config_settings.configfiles,
+        workflow.config_settings.config,
+    )
+    config.clear()
+    config.update(config_layers.merged(CONFIG_LAYERS))
     # JSON Schema (2020-12) first, then the cross-field checks; one line naming file and key.
     check_config(
         config,
-        workflow.configfiles[-1] if workflow.configfiles else "config",
+        config_layers.UNBLAMED,
         schema=Path(workflow.basedir) / "workflow" / "schemas" / "config.schema.yaml",
     )
 except KtflowInputError as error:
-    sys.exit(f"ktflow: invalid config: {error.format()}")
+    blamed = config_layers.blamed(error, CONFIG_LAYERS) if CONFIG_LAYERS else error
+    sys.exit(f"ktflow: invalid config: {blamed.format()}")
 
 # Rules never rely on the caller's PATH: the interpreter that plans the workflow
 # (`make demo`, `.venv/bin/snakemake`, an activated venv; SLURM jobs re-run it) puts its

@@ -2,17 +2,18 @@ import re
 import sys
 from pathlib import Path
 
+from ktflow import config_layers
 from ktflow.errors import KtflowInputError
 from ktflow.train import plan
 
 # Training data in each task's stage format, each backend in its own environment, and a
 # preflight (`ktflow doctor`) before any GPU/KT training: see src/ktflow/train/plan.py.
 try:
-    plan.check_training(
-        config, workflow.configfiles[-1] if workflow.configfiles else "config"
-    )
+    plan.check_training(config, config_layers.UNBLAMED)
 except KtflowInputError as error:
-    sys.exit(f"ktflow: invalid config: {error.format()}")
+    sys.exit(
+        f"ktflow: invalid config: {config_layers.blamed(error, CONFIG_LAYERS).format()}"
+    )
 
 PREFLIGHT_TASKS = "|".join(re.escape(t) for t in plan.preflight_tasks(config)) or "(?!)"
 ENVS = str(Path(workflow.basedir) / "envs")

@@ -29,17 +29,13 @@ import psutil
 from ktflow.errors import HardwareError, KtflowInputError
 from ktflow.infer.base import InferenceBackend, InferenceError, Request, Sampling, ServerDied
 from ktflow.infer.client import OpenAIClient
+from ktflow.lifetime import tied_to_parent
 
 log = logging.getLogger(__name__)
 
 HOST = "127.0.0.1"
 STOP_GRACE_S = 20.0
 _FLAG = re.compile(r"^[a-z][a-z0-9_]*$")
-# exec the server with PR_SET_PDEATHSIG so it is told to stop even if ktflow is SIGKILLed.
-_PDEATHSIG = (
-    "import ctypes,os,signal,sys;ctypes.CDLL(None).prctl(1,signal.SIGTERM);"
-    "os.execvp(sys.argv[1],sys.argv[1:])"
-)
 
 
 def free_port() -> int:
@@ -144,12 +140,11 @@ class ManagedServer(ABC):
     def start(self) -> str:
         self.port = free_port()
         self.command_line = self.command(self.port)
-        argv = [sys.executable, "-c", _PDEATHSIG, *self.command_line] if sys.platform == "linux" else []
         log.info("starting the %s server: %s", self.name, shlex.join(self.command_line))
         output: IO[bytes] | None = open(self.log_path, "ab") if self.log_path else None  # noqa: SIM115
         try:
             self.process = subprocess.Popen(
-                argv or self.command_line,
+                tied_to_parent(self.command_line),  # told to stop even if ktflow is SIGKILLed
                 env=self.environment(self.port),
                 stdin=subprocess.DEVNULL,
                 stdout=output,

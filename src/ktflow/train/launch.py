@@ -2,8 +2,8 @@
 
 Runs in the backend's training environment (one process per GPU under ``accelerate
 launch`` or ``torchrun``). It calls LLaMA-Factory's ``run_exp`` with the YAML's
-arguments and one extra ``TrainerCallback`` that records, at the end of training,
-this process's peak GPU memory as torch's caching allocator saw it
+arguments and ktflow's ``TrainerCallback``s: :mod:`ktflow.train.watch`'s, and one that
+records, at the end of training, this process's peak GPU memory as torch's caching allocator saw it
 (``torch.cuda.max_memory_allocated`` / ``max_memory_reserved``). Each rank writes
 ``ktflow_gpu_peak.rank<N>.json`` into the run's output_dir; ``ktflow train`` gathers them.
 Any other command is handed to ``llamafactory-cli`` unchanged.
@@ -63,7 +63,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     import_llamafactory()
     from llamafactory.train.tuner import run_exp
 
-    run_exp(args=yaml.safe_load(Path(args[1]).read_text(encoding="utf-8")), callbacks=[gpu_peak_callback()])
+    from ktflow.train.watch import STORAGE_EXIT, nonfinite_guard, storage_full, this_process_clock
+
+    callbacks = [nonfinite_guard(), this_process_clock(), gpu_peak_callback()]
+    training = yaml.safe_load(Path(args[1]).read_text(encoding="utf-8"))
+    try:
+        run_exp(args=training, callbacks=callbacks)
+    except Exception as error:
+        if not storage_full(error, Path(training["output_dir"])):
+            raise
+        return STORAGE_EXIT  # `ktflow train` reports it in one line: no traceback for a full disk
     return 0
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import hashlib
 import json
 import os
@@ -25,15 +26,24 @@ from typing import Any
 
 import yaml
 
-from ktflow.atomic import atomic_dir, sha256_file, write_json, write_text
+from ktflow.atomic import StorageError, atomic_dir, sha256_file, write_json, write_text
 from ktflow.errors import HardwareError, KtflowInputError
 from ktflow.fetch import validate_snapshot
+from ktflow.lifetime import claimed, tied_to_parent
 from ktflow.provenance import recorded
 from ktflow.train.backends import backend_for
 from ktflow.train.datasets import HUB_PREFIX, check_rows, dataset_entry, load_rows, write_dataset_info
 from ktflow.train.env import EnvReport, inspect_env, python_for
 from ktflow.train.launch import GPU_PEAK_GLOB
 from ktflow.train.spec import TrainSpec
+from ktflow.train.watch import (
+    NONFINITE_RECORD,
+    STORAGE_EXIT,
+    THIS_PROCESS_RECORD,
+    describe_nonfinite,
+    read_nonfinite,
+    read_this_process,
+)
 
 # What LLaMA-Factory leaves that is worth keeping next to the adapter (plus training_*.png).
 PUBLISHED = (
@@ -46,6 +56,7 @@ PUBLISHED = (
     "train_results.json",
 )
 MB = 1 << 20
+NONFINITE_ADVICE = "(check the base model's weights for NaN/Inf, or lower training.learning_rate)"
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
@@ -80,24 +91,50 @@ def gpu_metrics(run_dir: Path) -> dict[str, Any]:
     }
 
 
+def throughput(record: dict[str, Any] | None) -> dict[str, Any]:
+    """Tokens/s and step time of the steps this process ran (after a resume: only those)."""
+    if record is None:
+        return dict.fromkeys(("throughput_basis", "resumed_from_step", "tokens_per_s", "step_time_s"))
+    steps, tokens, seconds = record["steps_run"], record["tokens_run"], record["seconds"]
+    return {
+        "throughput_basis": "steps run by this process",
+        "resumed_from_step": record["resumed_from_step"],
+        "steps_run": steps,
+        "tokens_run": tokens,
+        "seconds_run": round(seconds, 3),
+        "tokens_per_s": round(tokens / seconds, 3) if steps and tokens and seconds > 0 else None,
+        "step_time_s": round(seconds / steps, 4) if steps and seconds > 0 else None,
+    }
+
+
 def training_metrics(run_dir: Path, wall_seconds: float, peak_rss_bytes: int) -> dict[str, Any]:
     results_path, state_path = run_dir / "all_results.json", run_dir / "trainer_state.json"
     results = json.loads(results_path.read_text()) if results_path.is_file() else {}
     history = json.loads(state_path.read_text()).get("log_history", []) if state_path.is_file() else []
     tokens = max((entry.get("num_input_tokens_seen", 0) for entry in history), default=0)
-    runtime = float(results.get("train_runtime", wall_seconds))
-    steps = int(history[-1].get("step", 0)) if history else 0
     return {
-        "train_runtime_s": runtime,
+        "train_runtime_s": float(results.get("train_runtime", wall_seconds)),
         "wall_s": round(wall_seconds, 3),
-        "tokens_seen": tokens,
-        "tokens_per_s": round(tokens / runtime, 3) if runtime and tokens else None,
-        "steps": steps,
-        "step_time_s": round(runtime / steps, 4) if steps else None,
+        "tokens_seen": tokens,  # the whole run's, resumed steps included
+        "steps": int(history[-1].get("step", 0)) if history else 0,
+        **throughput(read_this_process(run_dir)),
         "train_loss": results.get("train_loss"),
         "peak_host_rss_mb": round(peak_rss_bytes / MB, 1),
         **gpu_metrics(run_dir),
     }
+
+
+def check_finite(path: Path) -> None:
+    """KtflowInputError naming the first tensor of ``path`` with NaN or infinite values."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as tensors:
+        for name in tensors.keys():  # noqa: SIM118 (safe_open is not a mapping)
+            tensor = tensors.get_tensor(name)
+            bad = int((~tensor.isfinite()).sum()) if tensor.is_floating_point() else 0
+            if bad:
+                what = f"{bad} of {tensor.numel()} values are NaN or infinite: not published"
+                raise KtflowInputError(path, name, f"{what} {NONFINITE_ADVICE}")
 
 
 def preflight(spec: TrainSpec, env: EnvReport, results_dir: Path) -> str:
@@ -116,6 +153,10 @@ def preflight(spec: TrainSpec, env: EnvReport, results_dir: Path) -> str:
             batch_size=spec.batch_size,
             hf_weight_bytes=2 if spec.bf16 else 4,
         )
+    if requirements is not None:
+        # The cast is done by now: its disk need is not training's (a full disk is reported
+        # where a write fails, as a storage error naming the path).
+        requirements = dataclasses.replace(requirements, bf16_disk_bytes=0)
     label = backend_for(spec.backend).label(spec, env)
     problems = check_backend(collect_host(results_dir, env), label, requirements)
     line = verdict(label, problems)
@@ -135,7 +176,9 @@ def render(spec: TrainSpec, env: EnvReport, work: Path) -> tuple[dict[str, Any],
     return rendered, yaml_path
 
 
-def run_training(spec: TrainSpec, env: EnvReport, out_dir: Path) -> dict[str, Any]:
+def run_training(
+    spec: TrainSpec, env: EnvReport, out_dir: Path, claim_fd: int | None = None
+) -> dict[str, Any]:
     backend = backend_for(spec.backend)
     work = spec.output_dir.parent
     rendered, yaml_path = render(spec, env, work)
@@ -145,9 +188,25 @@ def run_training(spec: TrainSpec, env: EnvReport, out_dir: Path) -> dict[str, An
         write_text(yaml_path, yaml.safe_dump(rendered, sort_keys=True))
         print(f"ktflow train: resuming from {checkpoint}", file=sys.stderr)
     child_env = {**os.environ, **backend.environment(spec, env), "PYTHONUNBUFFERED": "1"}
+    for stale in (NONFINITE_RECORD, THIS_PROCESS_RECORD):
+        (spec.output_dir / stale).unlink(missing_ok=True)
     start = time.perf_counter()
-    completed = subprocess.run(backend.command(spec, env, yaml_path), env=child_env, check=False)
+    # The trainer dies with this process, and keeps the work dir's claim (claim_fd) while it lives.
+    command = tied_to_parent(backend.command(spec, env, yaml_path))
+    fds = () if claim_fd is None else (claim_fd,)
+    completed = subprocess.run(command, env=child_env, check=False, pass_fds=fds)
     wall = time.perf_counter() - start
+    stopped = read_nonfinite(spec.output_dir)
+    if stopped is not None:
+        message = f"{describe_nonfinite(stopped)}: training stopped, no adapter published " + NONFINITE_ADVICE
+        raise KtflowInputError(spec.output_dir, None, message)
+    if completed.returncode == STORAGE_EXIT:
+        free = shutil.disk_usage(spec.output_dir).free
+        message = (
+            f"the disk filled while LLaMA-Factory wrote a checkpoint ({free} bytes free); nothing was "
+            "published: free space and rerun (training resumes from the last complete checkpoint)"
+        )
+        raise StorageError(spec.output_dir, None, message)
     if completed.returncode != 0:
         raise RuntimeError(f"LLaMA-Factory training failed (exit {completed.returncode}); see the log above")
     # ru_maxrss is in KiB on Linux and covers the largest finished descendant.
@@ -161,6 +220,8 @@ def run_training(spec: TrainSpec, env: EnvReport, out_dir: Path) -> dict[str, An
                 shutil.copy2(spec.output_dir / name, tmp / name)
         if not (tmp / "adapter_model.safetensors").is_file():
             raise RuntimeError(f"{spec.output_dir}: LLaMA-Factory finished without adapter_model.safetensors")
+        for path in sorted(tmp.glob("*.safetensors")):
+            check_finite(path)
         for path in work.glob("*.yaml"):
             shutil.copy2(path, tmp / path.name)
         write_json(tmp / "train_metrics.json", metrics)
@@ -219,6 +280,12 @@ def main(args: argparse.Namespace) -> int:
     entry = check_data(spec, args.train_file)
     # safetensors weights and a readable config.json only: pickled weights never reach torch.load.
     validate_snapshot(args.model_dir)
+    # One trainer per work dir: a second one would resume from checkpoints the first deletes.
+    with claimed(args.work_dir, "`ktflow train` or its trainer") as claim_fd:
+        return train_in(args, spec, entry, claim_fd)
+
+
+def train_in(args: argparse.Namespace, spec: TrainSpec, entry: dict[str, Any], claim_fd: int) -> int:
     from ktflow.doctor import PACKAGES
 
     env = inspect_env(python_for(spec.python, spec.backend), PACKAGES)
@@ -233,7 +300,7 @@ def main(args: argparse.Namespace) -> int:
     if local:
         inputs.append(Path(args.train_file))
     with recorded(args.work_dir / "provenance.json", "train", subset, inputs) as extra:
-        extra.update(run_training(spec, env, args.out_dir))
+        extra.update(run_training(spec, env, args.out_dir, claim_fd))
         extra["doctor"] = verdict_line
         extra["data"] = sha256_file(args.train_file) if local else args.train_file
     shutil.copy2(args.work_dir / "provenance.json", args.out_dir / "provenance.json")
