@@ -358,6 +358,7 @@ def _(i: Inputs) -> Bad:
 # dataset_info entry (training.dataset: formatting, ranking, columns, tags).
 
 DPO_SHAREGPT = {
+    "ranking": True,
     "formatting": "sharegpt",
     "columns": {"messages": "conversations", "chosen": "chosen", "rejected": "rejected"},
 }
