@@ -457,6 +457,15 @@ def _(i: Inputs) -> Bad:
     )
 
 
+# issue 13 item 4: a prompt over the model's positions less max_new_tokens, refused before it loads.
+@case("prompt-over-the-model-limit")
+def _(i: Inputs) -> Bad:
+    long_row = {**ALPACA[1], "input": " ".join(["word"] * 3000)}
+    test = write(i.tmp / "test.json", [ALPACA[0], long_row])
+    out = i.tmp / "out" / "base.jsonl"
+    return Bad(["infer", str(i.bf16), str(test), str(out)], test, "row 2.input", (out,))
+
+
 @pytest.mark.parametrize("step", ["prepare-data", "train", "infer"])
 def test_one_bad_row_has_one_number_in_every_step(step: str, inputs: Inputs) -> None:
     """The third row repeats the first's id: every step calls it row 3."""
