@@ -102,6 +102,8 @@ def test_llamafactory_trains_kto_from_the_demo_entry(tiny_bf16: Path, tmp_path: 
     info = json.loads((tmp_path / "work" / "data" / "dataset_info.json").read_text())["kto_en_demo"]
     assert info["tags"] == ENTRIES["kto_en_demo"]["tags"] and info["columns"]["kto_tag"] == "label"
     assert json.loads((out / "train_metrics.json").read_text())["steps"] == 2
+    over = json.loads((out / "provenance.json").read_text())["extra"]["over_cutoff"]
+    assert over["rows"] == 8 and over["over_cutoff"] == 0 and 0 < over["longest_text_tokens"] <= 64
     log = [json.loads(line) for line in (out / "trainer_log.jsonl").read_text().splitlines()]
     assert next(entry["loss"] for entry in log if entry.get("loss") is not None) == pytest.approx(
         0.5, abs=0.02

@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
 from conftest import ktflow_env, run_ktflow
 from transformers import AutoTokenizer
 
@@ -101,3 +102,29 @@ def test_a_20_mb_row_fails_fast_and_small(tiny_bf16: Path, tmp_path: Path) -> No
     rss_mb, code = result.stderr.split("RSS_MB ")[1].split()[:2]
     assert code == "2" and int(rss_mb) < 2000, result.stderr[-2000:]
     assert not out.exists()
+
+
+# ---- training rows over cutoff_len: LLaMA-Factory cuts them; ktflow logs and counts them -------------
+
+
+def test_training_rows_over_cutoff_are_counted_and_logged(
+    tiny_bf16: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from ktflow.datasets.contract import Layout
+    from ktflow.train.cutoff import over_cutoff
+
+    data = tmp_path / "train.json"
+    data.write_text(json.dumps([*ROWS, {**ROWS[1], "id": "long", "input": LONG}, {**ROWS[0], "id": "huge",
+                                "input": "token " * 200_000}]))  # fmt: skip
+    tokenizer = AutoTokenizer.from_pretrained(tiny_bf16)
+    with caplog.at_level("WARNING"):
+        facts = over_cutoff(data, Layout.of("alpaca"), tokenizer, 256)
+    assert facts == {
+        "cutoff_len": 256,
+        "rows": 5,
+        "over_cutoff": 2,
+        "longest_text_tokens": facts["longest_text_tokens"],
+    }
+    assert facts["longest_text_tokens"] > 3000
+    (message,) = [r.getMessage() for r in caplog.records if "cutoff_len" in r.getMessage()]
+    assert "2 of 5 rows have more than cutoff_len 256 tokens" in message and "row 4, row 5" in message
