@@ -18,7 +18,6 @@ silently skip (a conversation with turns out of order) or train on wrongly (a mi
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -134,7 +133,7 @@ def check_rows(
     """Every row fits the layout; ids, where rows carry them (always with ``require_id``), are unique."""
     layout = Layout.of(data_format, entry)
     seen: dict[str, int] = {}
-    for number, row in enumerated(rows):
+    for number, row in enumerate(rows, start=1):
         if not isinstance(row, dict):
             raise KtflowInputError(path, row_name(number), f"expected an object, got {type(row).__name__}")
         _check_id(path, number, row, require_id, seen)
@@ -151,10 +150,6 @@ def check_rows(
 def check_task_rows(path: Path | str, rows: list[Any]) -> None:
     """The pipeline's task files (prepare-data / tiny-tasks output, infer's test rows)."""
     check_rows(path, rows, TASK, require_id=True)
-
-
-def enumerated(rows: list[Any]) -> Iterator[tuple[int, Any]]:
-    return enumerate(rows, start=1)
 
 
 def _check_id(
