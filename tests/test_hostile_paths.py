@@ -4,7 +4,8 @@ The whole DAG is planned (``snakemake -n -p``) with a results directory, a local
 file task's train/test files and a raw task's file all named with shell metacharacters,
 and every printed command must keep each of those paths as one intact word. The cheap
 rules (fetch, cast_bf16, tiny_tasks, prepare_task) then really run on those paths, and
-the commands hidden in the names must not have run.
+the commands hidden in the names must not have run. A slow test runs the whole reduced DAG
+(every rule, for real) on the same paths.
 """
 
 from __future__ import annotations
@@ -15,8 +16,10 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
 from conftest import REPO, snakemake
+from test_determinism import REDUCED, deep_merge
 
 # Each piece would break an unquoted command: a space splits it, quotes open strings,
 # $() and backticks run a command (which would create a "pwned-*" file in the job's cwd).
@@ -121,3 +124,21 @@ def test_cheap_rules_run_on_hostile_paths_and_run_nothing_else(
     assert len(json.loads((results / "data/choice/train.json").read_text())) == 16
     neko = json.loads((results / "data/neko/train.json").read_text())
     assert len(neko) == 48 and all(row["id"] for row in neko)
+
+
+@pytest.mark.slow
+def test_the_whole_reduced_dag_runs_on_hostile_paths(
+    workdir: Path, tiny_release: Path, tiny_tasks: Path
+) -> None:
+    """Every rule for real (about 80 s on 2 cores): tables come out and no hidden command ran."""
+    hostile_workdir(workdir, tiny_release, tiny_tasks)
+    config = yaml.safe_load((workdir / "config.yaml").read_text())
+    for block in ("training", "inference", "evaluation", "resources"):
+        config[block] = deep_merge(config.get(block, {}), REDUCED[block])
+    config["tasks"]["choice"].update(REDUCED["tasks"]["choice"] | {"tiny": {"n_train": 16, "n_test": 4}})
+    (workdir / "config.yaml").write_text(yaml.safe_dump(config))
+    snakemake(workdir)
+    assert injected(workdir) == []
+    results = workdir / RESULTS
+    assert (results / "tables" / "generation.csv").is_file() and (results / "plots" / "loss.png").is_file()
+    assert len((results / "predictions/tiny-v3/style/lora.jsonl").read_text().splitlines()) == 12
