@@ -255,18 +255,18 @@ def train(i: Inputs, data: Path, field_name: str | None, spec: dict[str, Any] = 
 @case("dataset-missing-column")
 def _(i: Inputs) -> Bad:
     rows = [{k: v for k, v in row.items() if k != "output"} for row in ALPACA]
-    return train(i, write(i.tmp / "train.json", rows), "row 0.output")
+    return train(i, write(i.tmp / "train.json", rows), "row 1.output")
 
 
 @case("dataset-empty-row")
 def _(i: Inputs) -> Bad:
-    return train(i, write(i.tmp / "train.json", [*ALPACA[:2], {}, *ALPACA[2:]]), "row 2.instruction")
+    return train(i, write(i.tmp / "train.json", [*ALPACA[:2], {}, *ALPACA[2:]]), "row 3.instruction")
 
 
 @case("dataset-wrong-format-for-stage")
 def _(i: Inputs) -> Bad:
     spec = {**SFT, "stage": "dpo", "format": "pairwise"}
-    return train(i, write(i.tmp / "train.json", ALPACA), "row 0.chosen", spec)
+    return train(i, write(i.tmp / "train.json", ALPACA), "row 1.chosen", spec)
 
 
 @case("dataset-format-impossible-for-stage")
@@ -279,7 +279,7 @@ def _(i: Inputs) -> Bad:
 def _(i: Inputs) -> Bad:
     rows = [{**row, "kto_tag": "yes"} for row in ALPACA]
     return train(
-        i, write(i.tmp / "train.json", rows), "row 0.kto_tag", {**SFT, "stage": "kto", "format": "kto"}
+        i, write(i.tmp / "train.json", rows), "row 1.kto_tag", {**SFT, "stage": "kto", "format": "kto"}
     )
 
 
@@ -314,14 +314,14 @@ def _(i: Inputs) -> Bad:
 def _(i: Inputs) -> Bad:
     test = write(i.tmp / "test.json", [*ALPACA, {**ALPACA[1]}])
     out = i.tmp / "out" / "base.jsonl"
-    return Bad(["infer", str(i.bf16), str(test), str(out)], test, "row 4.id", (out,))
+    return Bad(["infer", str(i.bf16), str(test), str(out)], test, "row 5.id", (out,))
 
 
 @case("dataset-missing-id-at-inference")
 def _(i: Inputs) -> Bad:
     test = write(i.tmp / "test.json", [{k: v for k, v in row.items() if k != "id"} for row in ALPACA])
     out = i.tmp / "out" / "base.jsonl"
-    return Bad(["infer", str(i.bf16), str(test), str(out)], test, "row 0.id", (out,))
+    return Bad(["infer", str(i.bf16), str(test), str(out)], test, "row 1.id", (out,))
 
 
 def prepare(i: Inputs, raw: Path, field_name: str | None, adapter_name: str = "nekoqa") -> Bad:
@@ -351,6 +351,158 @@ def _(i: Inputs) -> Bad:
 def _(i: Inputs) -> Bad:
     data = jsonl(ALPACA).encode().replace(b"LINE 3", b"LINE \xff")
     return prepare(i, write(i.tmp / "raw.jsonl", data), "line 4")
+
+
+# ==== issue 13 item 7: one dataset contract (ktflow.datasets.contract), rows numbered from 1 ======
+# Every step that reads rows (prepare-data, tiny-tasks, train, infer) runs the same check, so
+# one bad row gets the same "row N.<column>" in every step. Stage columns follow the
+# dataset_info entry (training.dataset: formatting, ranking, columns, tags).
+
+DPO_SHAREGPT = {
+    "ranking": True,
+    "formatting": "sharegpt",
+    "columns": {"messages": "conversations", "chosen": "chosen", "rejected": "rejected"},
+}
+KTO_SHAREGPT = {"formatting": "sharegpt", "columns": {"messages": "messages", "kto_tag": "label"},
+                "tags": {"role_tag": "role", "content_tag": "content", "user_tag": "user",
+                         "assistant_tag": "assistant"}}  # fmt: skip
+
+
+def turn(role: str, text: str, role_tag: str = "from", content_tag: str = "value") -> dict[str, str]:
+    return {role_tag: role, content_tag: text}
+
+
+def train_from_entry(i: Inputs, rows: Any, field_name: str, stage: str, entry: dict[str, Any]) -> Bad:
+    data = write(i.tmp / "train.json", rows)
+    return train(
+        i, data, field_name, {**SFT, "stage": stage, "format": None, "dataset": {**entry, "file": str(data)}}
+    )
+
+
+@case("contract-integer-output-at-train")
+def _(i: Inputs) -> Bad:
+    # Before the contract, train passed it and LLaMA-Factory died in pyarrow.
+    return train(i, write(i.tmp / "train.json", [ALPACA[0], {**ALPACA[1], "output": 3}]), "row 2.output")
+
+
+@case("contract-duplicate-ids-at-train")
+def _(i: Inputs) -> Bad:
+    return train(i, write(i.tmp / "train.json", [*ALPACA, ALPACA[2]]), "row 5.id")
+
+
+@case("contract-missing-instruction-at-train")
+def _(i: Inputs) -> Bad:
+    rows = [ALPACA[0], {k: v for k, v in ALPACA[1].items() if k != "instruction"}]
+    return train(i, write(i.tmp / "train.json", rows), "row 2.instruction")
+
+
+@case("contract-missing-instruction-at-inference")
+def _(i: Inputs) -> Bad:
+    test = write(i.tmp / "test.json", [ALPACA[0], {k: v for k, v in ALPACA[1].items() if k != "instruction"}])
+    out = i.tmp / "out" / "base.jsonl"
+    return Bad(["infer", str(i.bf16), str(test), str(out)], test, "row 2.instruction", (out,))
+
+
+@case("contract-integer-output-at-inference")
+def _(i: Inputs) -> Bad:
+    test = write(i.tmp / "test.json", [ALPACA[0], {**ALPACA[1], "output": 7}])
+    out = i.tmp / "out" / "base.jsonl"
+    return Bad(["infer", str(i.bf16), str(test), str(out)], test, "row 2.output", (out,))
+
+
+@case("contract-dpo-chosen-not-a-string")
+def _(i: Inputs) -> Bad:
+    rows = [{**ALPACA[0], "chosen": ["A"], "rejected": "B"}]
+    return train(
+        i, write(i.tmp / "train.json", rows), "row 1.chosen", {**SFT, "stage": "dpo", "format": "pairwise"}
+    )
+
+
+@case("contract-kto-label-missing")
+def _(i: Inputs) -> Bad:
+    rows = [{**ALPACA[0], "kto_tag": True}, {k: v for k, v in ALPACA[1].items()}]
+    return train(
+        i, write(i.tmp / "train.json", rows), "row 2.kto_tag", {**SFT, "stage": "kto", "format": "kto"}
+    )
+
+
+@case("contract-dpo-sharegpt-rejected-from-the-user")
+def _(i: Inputs) -> Bad:
+    row = {
+        "conversations": [turn("human", "Which?")],
+        "chosen": turn("gpt", "A"),
+        "rejected": turn("human", "B"),
+    }
+    return train_from_entry(i, [row], "row 1.rejected.from", "dpo", DPO_SHAREGPT)
+
+
+@case("contract-dpo-sharegpt-prompt-ends-with-the-answer")
+def _(i: Inputs) -> Bad:
+    conversation = [turn("human", "Which?"), turn("gpt", "A")]
+    row = {"conversations": conversation, "chosen": turn("gpt", "A"), "rejected": turn("gpt", "B")}
+    return train_from_entry(i, [row], "row 1.conversations", "dpo", DPO_SHAREGPT)
+
+
+@case("contract-kto-sharegpt-label-not-boolean")
+def _(i: Inputs) -> Bad:
+    messages = [turn("user", "Hi", "role", "content"), turn("assistant", "Hello", "role", "content")]
+    rows = [{"messages": messages, "label": True}, {"messages": messages, "label": "false"}]
+    return train_from_entry(i, rows, "row 2.label", "kto", KTO_SHAREGPT)
+
+
+@case("contract-kto-sharegpt-turns-out-of-order")
+def _(i: Inputs) -> Bad:
+    messages = [turn("assistant", "Hello", "role", "content"), turn("user", "Hi", "role", "content")]
+    return train_from_entry(
+        i, [{"messages": messages, "label": True}], "row 1.messages[0].role", "kto", KTO_SHAREGPT
+    )
+
+
+# issue 13 item 4: a prompt over the model's positions less max_new_tokens, refused before it loads.
+@case("prompt-over-the-model-limit")
+def _(i: Inputs) -> Bad:
+    long_row = {**ALPACA[1], "input": " ".join(["word"] * 3000)}
+    test = write(i.tmp / "test.json", [ALPACA[0], long_row])
+    out = i.tmp / "out" / "base.jsonl"
+    return Bad(["infer", str(i.bf16), str(test), str(out)], test, "row 2.input", (out,))
+
+
+@pytest.mark.parametrize("step", ["prepare-data", "train", "infer"])
+def test_one_bad_row_has_one_number_in_every_step(step: str, inputs: Inputs) -> None:
+    """The third row repeats the first's id: every step calls it row 3."""
+    data = write(inputs.tmp / "rows.json", [ALPACA[0], ALPACA[1], ALPACA[0], ALPACA[3]])
+    out = inputs.tmp / "out"
+    spec = json.dumps({"source": "raw", "raw_file": str(data), "adapter": "alpaca", "kind": "generation"})
+    argv = {
+        "prepare-data": ["prepare-data", str(out), "--spec", spec],
+        "train": train(inputs, data, None).argv,
+        "infer": ["infer", str(inputs.bf16), str(data), str(out / "p.jsonl")],
+    }[step]
+    result = run_ktflow(*argv, check=False)
+    assert result.returncode == 2 and f"{data}: row 3.id: duplicate id 'r0' (row 1)" in result.stderr, (
+        result.stderr
+    )
+
+
+def test_rows_prepare_data_writes_are_rows_train_and_infer_accept(inputs: Inputs) -> None:
+    """Translational-Style rows have an empty instruction: prepare-data wrote them, train refused them."""
+    raw = write(
+        inputs.tmp / "raw.json",
+        [{"instruction": "", "input": f"s {n}", "output": f"t {n}"} for n in range(8)],
+    )
+    out = inputs.tmp / "data"
+    spec = {"source": "raw", "raw_file": str(raw), "adapter": "translational-style", "kind": "generation",
+            "split": {"method": "head", "train_rows": 6}}  # fmt: skip
+    run_ktflow("prepare-data", str(out), "--spec", json.dumps(spec))
+    work = inputs.tmp / "work"
+    run_ktflow("train", str(inputs.bf16), str(out / "train.json"), str(inputs.tmp / "adapter"),
+               "--work-dir", str(work), "--spec", json.dumps(SFT), "--render-only")  # fmt: skip
+    assert (work / "llamafactory.yaml").is_file()
+    assert [r.id for r in requests_from_alpaca(out / "test.json", load_rows(out / "test.json"))] == [
+        "row-00007", "row-00008"]  # fmt: skip
+
+
+# ==== end of issue 13 item 7 block ===============================================================
 
 
 # ---- predictions and metrics: `ktflow evaluate`, `ktflow tables` ----------------------------------

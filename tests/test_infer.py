@@ -25,10 +25,10 @@ def test_duplicate_or_missing_ids_name_the_row() -> None:
     rows = [{"id": "a", "instruction": "i", "output": "o"}, {"id": "a", "instruction": "i", "output": "o"}]
     with pytest.raises(KtflowInputError, match="duplicate id") as error:
         requests_from_alpaca(Path("t.json"), rows)
-    assert error.value.field == "row 1.id"
+    assert error.value.field == "row 2.id"  # rows are numbered from 1 in every step
     with pytest.raises(KtflowInputError) as error:
         requests_from_alpaca(Path("t.json"), [{"instruction": "i", "output": "o"}])
-    assert error.value.field == "row 0.id"
+    assert error.value.field == "row 1.id"
 
 
 def test_resumable_writer_keeps_done_rows_and_drops_torn_tail(tmp_path: Path) -> None:

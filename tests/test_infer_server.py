@@ -461,9 +461,9 @@ def test_workflow_gives_sglang_the_converted_adapter_and_int8_experts() -> None:
         "adapter": "out/lora/v3/neko/sglang",
         "int8": "out/models/v3/int8",
     }
-    assert infer_flags(config, "v3", "neko", "lora").split() == [
+    assert infer_flags(config, "v3", "neko", "lora") == [
         "--adapter", "out/lora/v3/neko/sglang", "--adapter-name", "neko", "--int8", "out/models/v3/int8",
     ]  # fmt: skip
     assert infer_inputs(config, "lite", "neko", "base") == {}
     assert infer_inputs(config, "v3", "style", "lora") == {"adapter": "out/lora/v3/style/adapter"}
-    assert infer_flags(config, "v3", "style", "base") == ""
+    assert infer_flags(config, "v3", "style", "base") == []

@@ -278,12 +278,12 @@ def test_hf_uses_torchrun_over_several_gpus_and_unsloth_one(tmp_path: Path) -> N
 @pytest.mark.parametrize(
     ("rows", "fmt", "field"),
     [
-        ([{"instruction": "a"}], "alpaca", "row 0.output"),
-        ([{"instruction": "a", "output": ""}], "alpaca", "row 0.output"),
-        ([{"instruction": "a", "chosen": "x"}], "pairwise", "row 0.rejected"),
-        ([{"instruction": "a", "output": "b", "kto_tag": "yes"}], "kto", "row 0.kto_tag"),
-        ([{"conversations": []}], "sharegpt", "row 0.conversations"),
-        (["not an object"], "alpaca", "row 0"),
+        ([{"instruction": "a"}], "alpaca", "row 1.output"),
+        ([{"instruction": "a", "output": ""}], "alpaca", "row 1.output"),
+        ([{"instruction": "a", "chosen": "x"}], "pairwise", "row 1.rejected"),
+        ([{"instruction": "a", "output": "b", "kto_tag": "yes"}], "kto", "row 1.kto_tag"),
+        ([{"conversations": []}], "sharegpt", "row 1.conversations"),
+        (["not an object"], "alpaca", "row 1"),
     ],
 )
 def test_bad_rows_name_the_row_and_field(rows: list[Any], fmt: str, field: str) -> None:
@@ -306,15 +306,21 @@ def test_load_rows_rejects_invalid_utf8_and_empty(tmp_path: Path) -> None:
 def test_dataset_entries_for_files_hub_sets_and_own_columns(tmp_path: Path) -> None:
     assert dataset_entry(str(tmp_path / "p.json"), "pairwise")["ranking"] is True
     kto_mix = {"formatting": "sharegpt", "columns": {"messages": "completion", "kto_tag": "label"},
-               "tags": {"role_tag": "role", "content_tag": "content"}, "split": "train"}  # fmt: skip
+               "tags": {"role_tag": "role", "content_tag": "content", "user_tag": "user",
+                        "assistant_tag": "assistant"}, "split": "train"}  # fmt: skip
     entry = dataset_entry("hf:argilla/kto-mix-15k", "kto", kto_mix)
     assert entry["hf_hub_url"] == "argilla/kto-mix-15k" and "file_name" not in entry
     assert entry["columns"] == kto_mix["columns"] and entry["tags"]["role_tag"] == "role"
-    rows = [{"completion": [{"role": "user", "content": "q"}], "label": True}]
+    rows = [
+        {
+            "completion": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}],
+            "label": True,
+        }
+    ]
     check_rows(Path("mix.jsonl"), rows, "kto", entry)
     with pytest.raises(KtflowInputError) as caught:
         check_rows(Path("mix.jsonl"), [{"completion": rows[0]["completion"], "label": 1}], "kto", entry)
-    assert caught.value.field == "row 0.label"
+    assert caught.value.field == "row 1.label"
     with pytest.raises(KtflowInputError, match="needs a column for 'kto_tag'"):
         check_rows(
             Path("x"),
@@ -333,7 +339,7 @@ def test_stage_format_mismatch_fails_before_training(
     train = str(tiny_tasks / "style" / "train.json")
     for spec, message in (
         ({**SPEC, "stage": "dpo", "format": "alpaca"}, "stage dpo needs data in"),
-        ({**SPEC, "stage": "dpo"}, "row 0.chosen: missing or empty (format pairwise)"),
+        ({**SPEC, "stage": "dpo"}, "row 1.chosen: missing (format pairwise)"),
         ({**SPEC, "dataset": {"file": "other.json"}}, "training.dataset: names 'other.json'"),
     ):
         result = run_ktflow(

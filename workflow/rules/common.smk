@@ -114,7 +114,7 @@ def metric_entries(wildcards, input):
             for variant in VARIANTS:
                 path = R(f"metrics/{model}/{task}/{variant}.json")
                 entries.append(f"{model}:{task}:{variant}={path}")
-    return " ".join(entries)
+    return entries
 
 
 def tables_spec():
@@ -139,18 +139,17 @@ def all_targets():
 
 
 def fetch_args(wildcards, input):
+    """A list: the rule's `{params.args:q}` quotes each word (config paths reach a shell)."""
     spec = model_config(wildcards.model)
     if spec["source"] == "tiny":
-        return f"--source local --path {input[0]}"
+        return ["--source", "local", "--path", input[0]]
     if spec["source"] == "local":
-        return f"--source local --path {spec['path']}"
-    args = f"--source hf --repo-id {spec['repo_id']}"
+        return ["--source", "local", "--path", spec["path"]]
+    args = ["--source", "hf", "--repo-id", spec["repo_id"]]
     if "revision" in spec:
-        args += f" --revision {spec['revision']}"
+        args += ["--revision", spec["revision"]]
     if "allow_patterns" in spec:
-        args += " --allow-patterns " + " ".join(
-            f"'{p}'" for p in spec["allow_patterns"]
-        )
+        args += ["--allow-patterns", *spec["allow_patterns"]]
     return args
 
 

@@ -52,8 +52,8 @@ rule tiny_tasks:
         n_test=lambda w: task_config(w.task).get("tiny", {}).get("n_test", 60),
         outdir=lambda w, output: str(Path(output.train).parent),
     shell:
-        "ktflow tiny-tasks {wildcards.task} {params.outdir} --seed {params.seed}"
-        " --n-train {params.n_train} --n-test {params.n_test} > {log} 2>&1"
+        "ktflow tiny-tasks {wildcards.task:q} {params.outdir:q} --seed {params.seed:q}"
+        " --n-train {params.n_train:q} --n-test {params.n_test:q} > {log:q} 2>&1"
 
 
 rule prepare_task:
@@ -89,5 +89,5 @@ rule prepare_task:
         cache=lambda w: R(f".cache/datasets/{w.task}"),
         outdir=lambda w, output: str(Path(output.train).parent),
     shell:
-        "ktflow prepare-data {params.outdir} --name {wildcards.task} --spec {params.spec:q}"
-        " --cache-dir {params.cache} > {log} 2>&1"
+        "ktflow prepare-data {params.outdir:q} --name {wildcards.task:q} --spec {params.spec:q}"
+        " --cache-dir {params.cache:q} > {log:q} 2>&1"

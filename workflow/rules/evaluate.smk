@@ -18,15 +18,15 @@ rule evaluate:
         code=code_version("evaluate"),
         kind=lambda w: task_config(w.task)["kind"],
         flavour=lambda w: (
-            f"--flavour {config.get('evaluation', {}).get('flavour', 'paper')}"
+            ["--flavour", config.get("evaluation", {}).get("flavour", "paper")]
             if task_config(w.task)["kind"] == "generation"
-            else ""
+            else []
         ),
         workers=config.get("evaluation", {}).get("workers", 1),
     shell:
-        "ktflow evaluate {input} --task {params.kind} -o {output.metrics}"
-        " --per-sample {output.samples} {params.flavour}"
-        " --workers {params.workers} > {log} 2>&1"
+        "ktflow evaluate {input:q} --task {params.kind:q} -o {output.metrics:q}"
+        " --per-sample {output.samples:q} {params.flavour:q}"
+        " --workers {params.workers:q} > {log:q} 2>&1"
 
 
 rule tables:
@@ -55,5 +55,5 @@ rule tables:
         entries=metric_entries,
         outdir=lambda w, output: str(Path(output.generation).parent),
     shell:
-        "ktflow tables --out-dir {params.outdir} --spec {params.spec:q}"
-        " {params.entries} > {log} 2>&1"
+        "ktflow tables --out-dir {params.outdir:q} --spec {params.spec:q}"
+        " {params.entries:q} > {log:q} 2>&1"

@@ -16,8 +16,8 @@ rule tiny_model:
         vocab=lambda w: model_config(w.model).get("tiny", {}).get("vocab_size", 1024),
         shards=lambda w: model_config(w.model).get("tiny", {}).get("shards", 4),
     shell:
-        "ktflow tiny-model {output} --seed {params.seed} --vocab-size {params.vocab}"
-        " --shards {params.shards} > {log} 2>&1"
+        "ktflow tiny-model {output:q} --seed {params.seed:q} --vocab-size {params.vocab:q}"
+        " --shards {params.shards:q} > {log:q} 2>&1"
 
 
 rule fetch:
@@ -38,7 +38,7 @@ rule fetch:
         spec=fetch_params,
         args=fetch_args,
     shell:
-        "ktflow fetch {output} {params.args} > {log} 2>&1"
+        "ktflow fetch {output:q} {params.args:q} > {log:q} 2>&1"
 
 
 rule cast_bf16:
@@ -62,8 +62,8 @@ rule cast_bf16:
         # work dir that is renamed into place only once it is complete.
         work=lambda w: R(f".work/cast/{w.model}"),
     shell:
-        "ktflow cast {input} {params.work} --workers {params.workers} > {log} 2>&1"
-        " && mv {params.work} {output}"
+        "ktflow cast {input:q} {params.work:q} --workers {params.workers:q} > {log:q} 2>&1"
+        " && mv {params.work:q} {output:q}"
 
 
 rule convert_cpu_int8:
@@ -83,9 +83,9 @@ rule convert_cpu_int8:
     params:
         code=code_version("convert-int8"),
         checkout=lambda w: (
-            f"--kt-checkout {model_config(w.model)['kt_checkout']}"
+            ["--kt-checkout", model_config(w.model)["kt_checkout"]]
             if "kt_checkout" in model_config(w.model)
-            else ""
+            else []
         ),
     shell:
-        "ktflow convert-int8 {input} {output} {params.checkout} --threads {threads} > {log} 2>&1"
+        "ktflow convert-int8 {input:q} {output:q} {params.checkout:q} --threads {threads:q} > {log:q} 2>&1"

@@ -36,7 +36,7 @@ rule report_tables:
         spec=tables_spec(),
         entries=metric_entries,
     shell:
-        "ktflow tables --page {output} --spec {params.spec:q} {params.entries} > {log} 2>&1"
+        "ktflow tables --page {output:q} --spec {params.spec:q} {params.entries:q} > {log:q} 2>&1"
 
 
 rule plots:
@@ -65,10 +65,8 @@ rule plots:
     params:
         code=code_version("plots"),
         spec=tables_spec(),
-        logs=" ".join(
-            f"{m}:{t}={R(f'lora/{m}/{t}/adapter')}" for m in MODELS for t in TASKS
-        ),
+        logs=[f"{m}:{t}={R(f'lora/{m}/{t}/adapter')}" for m in MODELS for t in TASKS],
         entries=metric_entries,
     shell:
-        "ktflow plots --loss {output.loss} --metrics {output.metrics} --spec {params.spec:q}"
-        " --train-logs {params.logs} --entries {params.entries} > {log} 2>&1"
+        "ktflow plots --loss {output.loss:q} --metrics {output.metrics:q} --spec {params.spec:q}"
+        " --train-logs {params.logs:q} --entries {params.entries:q} > {log:q} 2>&1"

@@ -19,8 +19,8 @@ rule convert_lora_sglang:
         code=code_version("convert-lora"),
         alpha=lambda w: effective_training(config, w.task).get("lora", {}).get("alpha"),
     shell:
-        "ktflow convert-lora {input.adapter} {output} --base-model {input.base}"
-        " --lora-alpha {params.alpha} > {log} 2>&1"
+        "ktflow convert-lora {input.adapter:q} {output:q} --base-model {input.base:q}"
+        " --lora-alpha {params.alpha:q} > {log:q} 2>&1"
 
 
 rule infer:
@@ -49,5 +49,5 @@ rule infer:
         spec=lambda w: as_json(effective_inference(config, w.model, w.task)),
         flags=lambda w: infer_flags(config, w.model, w.task, w.variant),
     shell:
-        "ktflow infer {input.model} {input.test} {output.predictions} {params.flags}"
-        " --spec {params.spec:q} > {log} 2>&1"
+        "ktflow infer {input.model:q} {input.test:q} {output.predictions:q} {params.flags:q}"
+        " --spec {params.spec:q} > {log:q} 2>&1"

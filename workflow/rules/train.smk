@@ -45,8 +45,8 @@ rule preflight:
         results=lambda w, output: str(Path(output[0]).parents[1]),
     # stdout (the report) goes to the log; stderr, with what to fix, to the terminal.
     shell:
-        "ktflow doctor --training {params.spec:q} --results-dir {params.results}"
-        " --json {output} > {log}"
+        "ktflow doctor --training {params.spec:q} --results-dir {params.results:q}"
+        " --json {output:q} > {log:q}"
 
 
 rule tiny_train_format:
@@ -70,8 +70,8 @@ rule tiny_train_format:
         seed=config.get("seed", 42),
         outdir=lambda w, output: str(Path(output[0]).parent),
     shell:
-        "ktflow tiny-tasks {wildcards.task} {params.outdir} --format {wildcards.format}"
-        " --from {input} --seed {params.seed} > {log} 2>&1"
+        "ktflow tiny-tasks {wildcards.task:q} {params.outdir:q} --format {wildcards.format:q}"
+        " --from {input:q} --seed {params.seed:q} > {log:q} 2>&1"
 
 
 rule train_lora:
@@ -102,5 +102,5 @@ rule train_lora:
         # Checkpoints live outside the declared output so a killed run resumes.
         work=lambda w: R(f".work/train/{w.model}/{w.task}"),
     shell:
-        "ktflow train {input.model} {params.data:q} {output} --work-dir {params.work}"
-        " --results-dir {params.results} --dataset-name {wildcards.task} --spec {params.spec:q} > {log} 2>&1"
+        "ktflow train {input.model:q} {params.data:q} {output:q} --work-dir {params.work:q}"
+        " --results-dir {params.results:q} --dataset-name {wildcards.task:q} --spec {params.spec:q} > {log:q} 2>&1"

@@ -19,6 +19,7 @@ from typing import Any
 
 from ktflow.atomic import sha256_file, write_json
 from ktflow.datasets.adapters import ADAPTERS, ON_INVALID, adapter_for
+from ktflow.datasets.contract import check_task_rows
 from ktflow.datasets.sources import raw_source
 from ktflow.datasets.split import SplitSpec, split_examples
 from ktflow.errors import KtflowInputError
@@ -42,8 +43,11 @@ def prepare(spec: dict[str, Any], out_dir: Path, cache_dir: Path, name: str = "r
     for message in adapted.first_invalid:
         log.warning("skipped invalid row: %s", message)
     train, test, dropped = split_examples(adapted.examples, split, adapter.has_split_column)
-    write_json(out_dir / "train.json", [row.as_row() for row in train])
-    write_json(out_dir / "test.json", [row.as_row() for row in test])
+    files = {out_dir / "train.json": train, out_dir / "test.json": test}
+    for path, examples in files.items():  # both checked before either is written
+        check_task_rows(path, [row.as_row() for row in examples])
+    for path, examples in files.items():
+        write_json(path, [row.as_row() for row in examples])
     facts = {
         "raw": {**source.describe(), "path": str(raw), "sha256": sha256_file(raw)},
         "adapter": adapter.name,

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from ktflow.atomic import storage_errors, write_jsonl, write_text
-from ktflow.errors import KtflowInputError
+from ktflow.datasets.contract import check_task_rows
 
 log = logging.getLogger(__name__)
 
@@ -69,16 +69,13 @@ class InferenceBackend(ABC):
 def requests_from_alpaca(
     path: Path, rows: list[dict[str, Any]], system: str | None = None, adapter: str | None = None
 ) -> list[Request]:
-    """Prompt = instruction + newline + input, exactly as LLaMA-Factory's alpaca converter builds it."""
+    """Prompt = instruction + newline + input, exactly as LLaMA-Factory's alpaca converter builds it.
+
+    The rows are checked by the dataset contract first (the same check train and prepare-data use).
+    """
+    check_task_rows(path, rows)
     requests: list[Request] = []
-    seen: set[str] = set()
-    for index, row in enumerate(rows):
-        for key in ("id", "instruction", "output"):
-            if not isinstance(row.get(key), str):
-                raise KtflowInputError(path, f"row {index}.{key}", "missing or not a string")
-        if row["id"] in seen:
-            raise KtflowInputError(path, f"row {index}.id", f"duplicate id {row['id']!r}")
-        seen.add(row["id"])
+    for row in rows:
         content = "\n".join(part for part in (row["instruction"], row.get("input") or "") if part)
         messages = ([{"role": "system", "content": system}] if system else []) + [
             {"role": "user", "content": content}

@@ -32,6 +32,7 @@ from ktflow.infer.base import (
     Sampling,
     requests_from_alpaca,
 )
+from ktflow.infer.prompts import PromptCounter, bound_prompts, prompt_limit
 from ktflow.provenance import recorded
 from ktflow.train.datasets import load_rows
 
@@ -46,7 +47,7 @@ OPERATIONAL_KEYS = (
 )  # fmt: skip
 SPEC_KEYS = frozenset(
     (*SAMPLING_KEYS, *OPERATIONAL_KEYS, "backend", "dtype", "system", "trust_remote_code", "model",
-     "adapter_model", "extra_body")
+     "adapter_model", "extra_body", "overlong", "max_prompt_tokens")
 )  # fmt: skip
 BACKENDS = ("hf", "openai", "sglang", "llamafactory")
 INT8_RECORD = "ktflow_int8.json"
@@ -179,6 +180,30 @@ def check_weights(backend: str, model_dir: Path, adapter: Path | None) -> None:
             raise KtflowInputError(weights, None, f"missing: weights load only from safetensors{refused}")
 
 
+def bounded_requests(
+    spec: dict[str, Any],
+    model_dir: Path,
+    test_file: Path,
+    rows: list[dict[str, Any]],
+    requests: list[Request],
+) -> tuple[list[Request], dict[str, Any] | None]:
+    """Prompts over the limit refused or cut (inference.overlong), with only the tokenizer loaded."""
+    limit = prompt_limit(spec, model_dir)
+    if limit is None:
+        return requests, None
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            model_dir, trust_remote_code=bool(spec.get("trust_remote_code", False))
+        )
+    except (OSError, ValueError) as error:
+        raise KtflowInputError(
+            model_dir, "tokenizer", f"cannot load it to count prompt tokens ({error})"
+        ) from None
+    return bound_prompts(test_file, rows, requests, limit, PromptCounter(tokenizer))
+
+
 def run_inference(backend: InferenceBackend, requests: list[Request], sink: ResumableJsonl) -> dict[str, Any]:
     todo = [request for request in requests if request.id not in sink.done]
     start = time.perf_counter()
@@ -244,11 +269,11 @@ def main(args: argparse.Namespace) -> int:
     except json.JSONDecodeError as error:
         raise KtflowInputError("--spec", None, f"invalid JSON ({error.msg})") from error
     adapter_name = args.adapter_name if args.adapter is not None else None
-    requests = requests_from_alpaca(
-        args.test_file, load_rows(args.test_file), spec.get("system"), adapter_name
-    )
+    rows = load_rows(args.test_file)
+    requests = requests_from_alpaca(args.test_file, rows, spec.get("system"), adapter_name)
     inputs: list[str | Path] = [args.test_file, *(p for p in (args.adapter, args.int8) if p is not None)]
     check_weights(spec.get("backend", "hf"), args.model_dir, args.adapter)
+    requests, prompt_facts = bounded_requests(spec, args.model_dir, args.test_file, rows, requests)
     fingerprint = run_fingerprint(
         spec, [args.model_dir, args.test_file, args.adapter, args.int8], adapter_name
     )
@@ -263,6 +288,7 @@ def main(args: argparse.Namespace) -> int:
             )
             try:
                 extra.update(run_inference(backend, requests, sink))
+                extra["prompts"] = prompt_facts
                 extra["backend"] = backend.facts()
             finally:
                 backend.close()

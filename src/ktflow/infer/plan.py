@@ -9,7 +9,6 @@ testable without Snakemake.
 
 from __future__ import annotations
 
-import shlex
 from typing import Any
 
 from ktflow.config import effective_inference
@@ -27,12 +26,15 @@ def infer_inputs(config: dict[str, Any], model: str, task: str, variant: str) ->
     return inputs
 
 
-def infer_flags(config: dict[str, Any], model: str, task: str, variant: str) -> str:
-    """``ktflow infer`` options for those inputs; the adapter is served under the task's name."""
+def infer_flags(config: dict[str, Any], model: str, task: str, variant: str) -> list[str]:
+    """``ktflow infer`` options for those inputs; the adapter is served under the task's name.
+
+    A list of words: the rule's ``{params.flags:q}`` quotes each one for the shell.
+    """
     inputs = infer_inputs(config, model, task, variant)
     flags: list[str] = []
     if "adapter" in inputs:
         flags += ["--adapter", inputs["adapter"], "--adapter-name", task]
     if "int8" in inputs:
         flags += ["--int8", inputs["int8"]]
-    return shlex.join(flags)
+    return flags

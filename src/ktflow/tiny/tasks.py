@@ -193,8 +193,16 @@ def write_task(
 ) -> None:
     _, builder = TASKS[name]
     train, test = builder(seed, n_train, n_test)
-    write_json(out_dir / "train.json", derive(name, train, data_format, seed))
-    write_json(out_dir / "test.json", test)
+    write_checked(out_dir / "train.json", derive(name, train, data_format, seed), data_format)
+    write_checked(out_dir / "test.json", test, "alpaca")
+
+
+def write_checked(path: Path, rows: list[dict[str, Any]], data_format: str) -> None:
+    """Rows go out only if the dataset contract (what train and infer check) accepts them."""
+    from ktflow.datasets.contract import check_rows
+
+    check_rows(path, rows, data_format, require_id=True)
+    write_json(path, rows)
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -220,7 +228,7 @@ def main(args: argparse.Namespace) -> int:
     if args.source is not None:
         with recorded(args.out_dir / "provenance.json", "tiny-tasks", subset, [args.source]):
             rows = derive(args.task, load_rows(args.source), args.format, args.seed)
-            write_json(args.out_dir / "train.json", rows)
+            write_checked(args.out_dir / "train.json", rows, args.format)
         return 0
     subset.update(n_train=args.n_train, n_test=args.n_test)
     with recorded(args.out_dir / "provenance.json", "tiny-tasks", subset, []):

@@ -12,7 +12,7 @@ from typing import Any
 
 from ktflow.config import effective_training
 from ktflow.errors import KtflowInputError
-from ktflow.train.datasets import HUB_PREFIX
+from ktflow.train.datasets import HUB_PREFIX, local_file, location_count
 from ktflow.train.spec import default_format
 
 # Backends whose host needs must be checked before training starts (GPU, KT kernels).
@@ -33,8 +33,9 @@ def train_data(
     source = effective_training(config, task).get("dataset") or {}
     if source.get("hf_hub_url"):
         return None, f"{HUB_PREFIX}{source['hf_hub_url']}"
-    if source.get("file"):
-        return str(source["file"]), str(source["file"])
+    named = local_file(source)
+    if named:
+        return named, named
     spec = config["tasks"][task]
     fmt = data_format(config, task)
     if fmt == "alpaca":
@@ -55,8 +56,8 @@ def check_training(config: dict[str, Any], config_path: str = "config") -> None:
     """Every experiment task has training data in its stage's format (raises KtflowInputError)."""
     for task in config["experiments"]["tasks"]:
         source = effective_training(config, task).get("dataset") or {}
-        if source.get("file") and source.get("hf_hub_url"):
-            message = "name a file or a hub data set, not both"
+        if location_count(source) > 1:
+            message = "name one file (file or file_name) or a hub data set, not both"
             raise KtflowInputError(config_path, f"tasks.{task}.training.dataset", message)
         train_data(config, task, "results", config_path)
 

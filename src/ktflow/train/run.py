@@ -31,6 +31,7 @@ from ktflow.errors import HardwareError, KtflowInputError
 from ktflow.fetch import validate_snapshot
 from ktflow.lifetime import claimed, tied_to_parent
 from ktflow.provenance import recorded
+from ktflow.train import cutoff
 from ktflow.train.backends import backend_for
 from ktflow.train.datasets import HUB_PREFIX, check_rows, dataset_entry, load_rows, write_dataset_info
 from ktflow.train.env import EnvReport, inspect_env, python_for
@@ -294,6 +295,7 @@ def train_in(args: argparse.Namespace, spec: TrainSpec, entry: dict[str, Any], c
         render(spec, env, args.work_dir)
         return 0
     verdict_line = preflight(spec, env, args.results_dir)
+    over_cutoff = cutoff.report(spec, args.train_file, entry)  # LLaMA-Factory cuts such rows silently
     subset = json.loads(args.spec)
     local = not args.train_file.startswith(HUB_PREFIX)
     inputs: list[str | Path] = sorted(args.model_dir.glob("*.json"))
@@ -302,6 +304,7 @@ def train_in(args: argparse.Namespace, spec: TrainSpec, entry: dict[str, Any], c
     with recorded(args.work_dir / "provenance.json", "train", subset, inputs) as extra:
         extra.update(run_training(spec, env, args.out_dir, claim_fd))
         extra["doctor"] = verdict_line
+        extra["over_cutoff"] = over_cutoff
         extra["data"] = sha256_file(args.train_file) if local else args.train_file
     shutil.copy2(args.work_dir / "provenance.json", args.out_dir / "provenance.json")
     return 0

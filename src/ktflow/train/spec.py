@@ -18,6 +18,16 @@ def default_format(stage: str) -> str:
     return STAGE_FORMATS[stage][0]
 
 
+def _one_file_key(source: dict[str, Any]) -> dict[str, Any]:
+    """LLaMA-Factory's ``file_name`` read as ktflow's ``file`` (the two name the same file)."""
+    if "file_name" not in source:
+        return source
+    if source.get("file") not in (None, source["file_name"]):
+        raise KtflowInputError("config", "training.dataset.file_name", "names another file than file")
+    renamed = {key: value for key, value in source.items() if key != "file_name"}
+    return {**renamed, "file": source["file_name"]}
+
+
 @dataclass(frozen=True)
 class TrainSpec:
     """Everything one training run depends on; built from the config's ``training`` block."""
@@ -78,6 +88,8 @@ class TrainSpec:
         renamed = {"format": "data_format", "dataset": "data_source"}
         flat = {renamed.get(k, k): v for k, v in training.items() if k not in ("lora", "formats")}
         flat["data_format"] = data_format
+        if isinstance(flat.get("data_source"), dict):
+            flat["data_source"] = _one_file_key(flat["data_source"])
         flat.update({f"lora_{key}": value for key, value in (training.get("lora") or {}).items()})
         known = {f.name for f in dataclasses.fields(cls)} - set(paths)
         for key in flat:
