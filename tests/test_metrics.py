@@ -69,6 +69,11 @@ def assert_close(got: dict[str, float], want: dict[str, float]) -> None:
         assert got[key] == pytest.approx(want[key], abs=1e-9), key
 
 
+def assert_identical(got: dict[str, float], want: dict[str, float]) -> None:
+    """Per-sample scores: the same floats as the reference, after its 4-decimal rounding."""
+    assert {key: got[key] for key in PAPER_KEYS} == want
+
+
 CASES = {
     "english": ("The cat sat on the mat today.", "The cat is sitting on the mat today."),
     "english_disjoint": ("Completely different words here.", "Nothing overlaps with that."),
@@ -76,6 +81,18 @@ CASES = {
     "chinese_short": ("好", "好的"),
     "mixed": ("使用 KTransformers 微调 DeepSeek-V3 模型", "用KTransformers来微调DeepSeek V3模型。"),
     "multiline": ("第一句。\n第二句！Second line?", "第一句。\n第三句。Second line."),
+    "rationale": (
+        "Malaria in pregnancy is treated with artemether-lumefantrine (ACT) in the second and third "
+        "trimesters; quinine plus clindamycin is used in the first. Give 5 mg/kg, e.g. twice daily, "
+        "and refer if severe. The the the patient should sleep under nets.",
+        "In the first trimester, quinine with clindamycin for 7 days is recommended; from the second "
+        "trimester an ACT such as artemether-lumefantrine is first-line. Severe malaria needs IV "
+        "artesunate and referral. Insecticide-treated nets prevent infection.",
+    ),
+    "dialogue": (
+        "主人～今天也辛苦了喵！要不要先喝杯热茶？我已经把 GPU 的温度降下来了……明天见哦。",
+        "主人今天辛苦了喵～先喝杯热茶休息一下吧！GPU 的温度已经降下来了，明天也要加油哦？",
+    ),
     "punctuation_only": ("!!! ...", "？？？。。。"),
     "punctuation_vs_text": ("，。！", "这是一个句子。"),
     "empty_prediction": ("", "A reference sentence."),
@@ -92,7 +109,7 @@ def test_paper_matches_reference_on_each_kind_of_text() -> None:
     want_rows, want_means = reference_paper(predictions, labels)
     for name, got_row, want_row in zip(CASES, got, want_rows, strict=True):
         assert set(got_row) == set(PAPER_KEYS), name
-        assert_close(got_row, want_row)
+        assert_identical(got_row, want_row)
     summary = summarize_generation(predictions, labels, got, flavour="paper")
     assert_close(summary, want_means)
     assert summary["n"] == len(CASES)
@@ -112,9 +129,11 @@ def test_blank_rows_score_zero_and_count_in_the_mean() -> None:
 
 _POOL = [
     "the", "cat", "模型", "微调", "训练", "数据", "on", "mat", "Hello", "世界", "，", "。", "!", "?",
-    " ", "  ", "\n", "\u3000", "3.5", "DeepSeek", "天安门", "我们", "是", "a", "B",
+    " ", "  ", "\n", "\u3000", "3.5", "DeepSeek", "天安门", "我们", "是", "a", "B", "the the",
+    "？”", "……", "......", "mg/kg", "e.g.", "x-ray", "50%", "\t", "！", "喵～",
 ]  # fmt: skip
-_texts = st.lists(st.sampled_from(_POOL), max_size=25).map("".join)
+# Token soups (repeated tokens, sentence ends, whitespace runs) and arbitrary Unicode.
+_texts = st.one_of(st.lists(st.sampled_from(_POOL), max_size=25).map("".join), st.text(max_size=30))
 
 
 @settings(max_examples=60, deadline=None, database=None)
@@ -125,7 +144,7 @@ def test_paper_matches_reference_on_random_text(pairs: list[tuple[str, str]]) ->
     got = score_generation(predictions, labels, flavour="paper")
     want_rows, want_means = reference_paper(predictions, labels)
     for got_row, want_row in zip(got, want_rows, strict=True):
-        assert_close(got_row, want_row)
+        assert_identical(got_row, want_row)
     assert_close(mean_scores(got), want_means)
 
 
