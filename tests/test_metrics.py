@@ -214,27 +214,52 @@ def test_cjk_rouge_tokenizer_equals_rouge_score_default_on_ascii(text: str) -> N
 
 
 @pytest.mark.parametrize(
-    ("output", "letter", "fallback"),
+    ("output", "letter"),
     [
-        ("C", "C", False),
-        ("  b. Malaria", "B", False),
-        ("E) none of the above", "E", False),
-        ("A patient with fever", "A", False),  # the official rule, read literally
-        ("C项正确", "C", False),
-        ("Answer: C", "C", True),
-        ("(c)", "C", True),
-        ("**D**", "D", True),
-        ("The answer is B.", "B", True),
-        ("The correct option is (d) because", "D", True),
-        ("option3", "C", True),
-        ("I pick option 2", "B", True),
-        ("the answer is a viral infection", None, False),
-        ("Because of the fever", None, False),
-        ("", None, False),
+        ("C", "C"),
+        ("  b. Malaria", "B"),
+        ("E) none of the above", "E"),
+        ("C) Malaria", "C"),
+        ("C项正确", "C"),
+        ("**B**", "B"),
+        ("(c)", "C"),
+        ("Answer: D", "D"),
+        ("The answer is C.", "C"),
+        ("The correct option is (d) because", "D"),
+        ("答案是C", "C"),
+        ("答案：B。", "B"),
+        ("我选D", "D"),
+        ("option3", "C"),
+        ("I pick option 2", "B"),
+        ("A patient with fever", "A"),  # a capital cannot be told from "A is correct"
+        # Lower-case articles and abbreviations are not answers.
+        ("a viral infection caused by plasmodium", None),
+        ("e.g. malaria", None),
+        ("the answer is a viral infection", None),
+        ("answer: e.g. malaria", None),
+        ("Because of the fever", None),
+        ("", None),
     ],
 )
-def test_parse_choice(output: str, letter: str | None, fallback: bool) -> None:
-    assert parse_choice(output) == (letter, fallback)
+def test_extraction_mode(output: str, letter: str | None) -> None:
+    assert parse_choice(output) == letter
+
+
+@pytest.mark.parametrize(
+    ("output", "label", "correct"),
+    [
+        ("C", "C", True),
+        ("C) Malaria", "option3", True),
+        ("Cough", "C", True),  # the first character, read literally, as AfriMed-QA does
+        (" C", "C", False),  # no stripping
+        ("c", "C", False),  # no upper-casing
+        ("Answer: C", "C", False),
+        ("**C**", "C", False),
+        ("", "A", False),
+    ],
+)
+def test_official_rule_is_the_literal_first_character(output: str, label: str, correct: bool) -> None:
+    assert score_mcq([output], [label])[0].correct is correct
 
 
 def test_labels_accept_letters_and_afrimed_options() -> None:
@@ -245,15 +270,17 @@ def test_labels_accept_letters_and_afrimed_options() -> None:
 
 
 def test_mcq_accuracy_and_counts() -> None:
-    outputs = ["C", "Answer: B", "Because", "b", "Answer: A"]
-    labels = ["C", "option2", "A", "B", "C"]
+    outputs = ["C", "Answer: B", "Because", "b", " A", "", "e.g. malaria"]
+    labels = ["C", "option2", "A", "B", "A", "D", "E"]
     summary = summarize_mcq(score_mcq(outputs, labels))
-    assert summary["n"] == 5
-    assert summary["accuracy"] == pytest.approx(3 / 5)
-    assert summary["unparsed"] == 1
-    assert summary["fallback_used"] == 2
-    # Literal first character: C, A("Answer"), B("Because"), B, A -> right on rows 1 and 4.
-    assert summary["accuracy_first_char"] == pytest.approx(2 / 5)
+    assert summary["n"] == 7
+    # Official, literal first character: C, A, B, b, " ", none, e -> right on row 1 only.
+    assert summary["accuracy"] == pytest.approx(1 / 7)
+    # Extracted: C, B, none, B, A, none, none -> right on rows 1, 2, 4 and 5.
+    assert summary["accuracy_extracted"] == pytest.approx(4 / 7)
+    assert summary["not_extracted"] == 3
+    assert summary["empty_predictions"] == 1
+    assert "first character" in summary["rule"]
 
 
 def write_rows(path: Path, rows: list[Any]) -> Path:
@@ -348,7 +375,7 @@ def test_cli_writes_metrics_per_sample_and_provenance(tmp_path: Path) -> None:
 
 
 def test_cli_mcq(tmp_path: Path) -> None:
-    rows = [row(0, "C", "option3"), row(1, "The answer is A.", "B"), row(2, "no idea", "A")]
+    rows = [row(0, "C", "option3"), row(1, "The answer is B.", "B"), row(2, "no idea", "A")]
     source = write_rows(tmp_path / "mcq.jsonl", rows)
     out = tmp_path / "mcq_metrics.json"
     per_sample = tmp_path / "mcq_rows.jsonl"
@@ -358,12 +385,13 @@ def test_cli_mcq(tmp_path: Path) -> None:
     )
     metrics = json.loads(out.read_text(encoding="utf-8"))
     assert metrics["accuracy"] == pytest.approx(1 / 3)
-    assert (metrics["unparsed"], metrics["fallback_used"]) == (1, 1)
+    assert metrics["accuracy_extracted"] == pytest.approx(2 / 3)
+    assert (metrics["not_extracted"], metrics["empty_predictions"]) == (1, 0)
     traced = [json.loads(line) for line in per_sample.read_text(encoding="utf-8").splitlines()]
-    assert [(r["id"], r["parsed"], r["label"]) for r in traced] == [
-        ("r0", "C", "C"),
-        ("r1", "A", "B"),
-        ("r2", None, "A"),
+    assert [(r["id"], r["official"], r["extracted"], r["label"]) for r in traced] == [
+        ("r0", "C", "C", "C"),
+        ("r1", "T", "B", "B"),
+        ("r2", "n", None, "A"),
     ]
 
 
