@@ -27,6 +27,7 @@ import math
 from collections import Counter
 from collections.abc import Callable, Hashable, Sequence
 from functools import lru_cache
+from itertools import chain
 from typing import Any
 
 # Blocks kept per process: English words and Chinese clauses; a few MB at most.
@@ -50,11 +51,8 @@ class JiebaTokens:
         )
 
     def __call__(self, text: str) -> list[str]:
-        tokens: list[str] = []
-        for block in self._split(text):
-            if block:
-                tokens.extend(self._block(block))
-        return tokens
+        # re.split yields empty strings around matches; jieba.cut skips them too.
+        return list(chain.from_iterable(map(self._block, filter(None, self._split(text)))))
 
 
 def _ngram_counts(tokens: Sequence[str], n: int) -> Counter[Any]:
