@@ -193,18 +193,16 @@ def main() -> int:
 
     blank = sum(not text.strip() for text in predictions)
     print(f"{args.samples} {args.rows} pairs (seed {args.seed}, {blank} blank predictions), paper flavour,")
-    print(
-        f"{args.repeat} interleaved rounds; median wall seconds (min-max); ratio = baseline median / median;"
-    )
-    print("CPU = median CPU seconds of all its processes (a shared machine moves wall time, much less CPU)")
-    base, base_cpu = statistics.median(seconds[names[0]]), statistics.median(cpu[names[0]])
+    print(f"{args.repeat} interleaved rounds. wall: median seconds (min-max); ratio: median over rounds of")
+    print("baseline / ktflow in the same round (the load on a shared machine moves between rounds);")
+    print("CPU: median CPU seconds of all its processes, and baseline CPU / its CPU")
+    base_cpu = statistics.median(cpu[names[0]])
     for name in names:
-        ratio = base / statistics.median(seconds[name])
         rounds = [b / t for b, t in zip(seconds[names[0]], seconds[name], strict=True)]
         used = statistics.median(cpu[name])
         print(
-            f"{name:<30} {spread(seconds[name])} {ratio:6.2f}x (rounds {min(rounds):.2f}-{max(rounds):.2f}x)"
-            f"  CPU {used:7.2f} s {base_cpu / used:6.2f}x"
+            f"{name:<30} {spread(seconds[name])} {statistics.median(rounds):6.2f}x "
+            f"(rounds {', '.join(f'{r:.2f}' for r in rounds)})  CPU {used:7.2f} s {base_cpu / used:6.2f}x"
         )
     means = {key: sum(row[key] for row in want) / len(want) for key in KEYS}
     print("means: " + ", ".join(f"{key} {means[key]:.4f}" for key in KEYS))
