@@ -120,6 +120,37 @@ def test_blank_option_keeps_letters_tied_to_option_numbers(tmp_path: Path) -> No
     assert example.output == "D"
 
 
+def test_na_options_are_dropped_and_the_instruction_names_only_offered_letters(tmp_path: Path) -> None:
+    # AfriMed-QA's true/false questions carry option3..option5 as "N/A"; its data preparation
+    # drops them, and the prompt must not offer C-E.
+    true_false = {"option1": "True", "option2": "False", "option3": "N/A", "option4": "n/a", "option5": "N/A"}
+    four = {f"option{n + 1}": drug for n, drug in enumerate(DRUGS[:4])} | {"option5": "N/A"}
+    rows = [
+        mcq_row("t1", "Malaria is caused by a parasite.", 1, answer_options=json.dumps(true_false)),
+        mcq_row("f1", "Which drug is an antibiotic?", 2, answer_options=json.dumps(four)),
+        mcq_row("e1", "Which drug treats uncomplicated malaria?", 1),
+    ]
+    examples = adapter_for("afrimed-qa-mcq").read(write_afrimed_csv(tmp_path / "a.csv", rows)).examples
+    assert [e.input.splitlines()[1:] for e in examples[:2]] == [
+        ["A. True", "B. False"],
+        ["A. Artemether", "B. Amoxicillin", "C. Metformin", "D. Salbutamol"],
+    ]
+    assert ["(A or B)" in examples[0].instruction, "(A, B, C or D)" in examples[1].instruction] == [
+        True,
+        True,
+    ]
+    assert "(A, B, C, D or E)" in examples[2].instruction
+    assert "N/A" not in " ".join(e.input for e in examples)
+
+
+def test_answer_pointing_at_an_na_option_is_an_error(tmp_path: Path) -> None:
+    options = {"option1": "True", "option2": "False", "option3": "N/A"}
+    row = mcq_row("t1", "Q?", 3, answer_options=json.dumps(options))
+    with pytest.raises(KtflowInputError, match="N/A options are dropped") as caught:
+        adapter_for("afrimed-qa-mcq").read(write_afrimed_csv(tmp_path / "a.csv", [row]))
+    assert caught.value.field == "row 1.correct_answer"
+
+
 @pytest.mark.parametrize(
     ("row", "field", "message"),
     [

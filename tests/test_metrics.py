@@ -69,6 +69,11 @@ def assert_close(got: dict[str, float], want: dict[str, float]) -> None:
         assert got[key] == pytest.approx(want[key], abs=1e-9), key
 
 
+def assert_identical(got: dict[str, float], want: dict[str, float]) -> None:
+    """Per-sample scores: the same floats as the reference, after its 4-decimal rounding."""
+    assert {key: got[key] for key in PAPER_KEYS} == want
+
+
 CASES = {
     "english": ("The cat sat on the mat today.", "The cat is sitting on the mat today."),
     "english_disjoint": ("Completely different words here.", "Nothing overlaps with that."),
@@ -76,6 +81,18 @@ CASES = {
     "chinese_short": ("好", "好的"),
     "mixed": ("使用 KTransformers 微调 DeepSeek-V3 模型", "用KTransformers来微调DeepSeek V3模型。"),
     "multiline": ("第一句。\n第二句！Second line?", "第一句。\n第三句。Second line."),
+    "rationale": (
+        "Malaria in pregnancy is treated with artemether-lumefantrine (ACT) in the second and third "
+        "trimesters; quinine plus clindamycin is used in the first. Give 5 mg/kg, e.g. twice daily, "
+        "and refer if severe. The the the patient should sleep under nets.",
+        "In the first trimester, quinine with clindamycin for 7 days is recommended; from the second "
+        "trimester an ACT such as artemether-lumefantrine is first-line. Severe malaria needs IV "
+        "artesunate and referral. Insecticide-treated nets prevent infection.",
+    ),
+    "dialogue": (
+        "主人～今天也辛苦了喵！要不要先喝杯热茶？我已经把 GPU 的温度降下来了……明天见哦。",
+        "主人今天辛苦了喵～先喝杯热茶休息一下吧！GPU 的温度已经降下来了，明天也要加油哦？",
+    ),
     "punctuation_only": ("!!! ...", "？？？。。。"),
     "punctuation_vs_text": ("，。！", "这是一个句子。"),
     "empty_prediction": ("", "A reference sentence."),
@@ -92,7 +109,7 @@ def test_paper_matches_reference_on_each_kind_of_text() -> None:
     want_rows, want_means = reference_paper(predictions, labels)
     for name, got_row, want_row in zip(CASES, got, want_rows, strict=True):
         assert set(got_row) == set(PAPER_KEYS), name
-        assert_close(got_row, want_row)
+        assert_identical(got_row, want_row)
     summary = summarize_generation(predictions, labels, got, flavour="paper")
     assert_close(summary, want_means)
     assert summary["n"] == len(CASES)
@@ -112,9 +129,11 @@ def test_blank_rows_score_zero_and_count_in_the_mean() -> None:
 
 _POOL = [
     "the", "cat", "模型", "微调", "训练", "数据", "on", "mat", "Hello", "世界", "，", "。", "!", "?",
-    " ", "  ", "\n", "\u3000", "3.5", "DeepSeek", "天安门", "我们", "是", "a", "B",
+    " ", "  ", "\n", "\u3000", "3.5", "DeepSeek", "天安门", "我们", "是", "a", "B", "the the",
+    "？”", "……", "......", "mg/kg", "e.g.", "x-ray", "50%", "\t", "！", "喵～",
 ]  # fmt: skip
-_texts = st.lists(st.sampled_from(_POOL), max_size=25).map("".join)
+# Token soups (repeated tokens, sentence ends, whitespace runs) and arbitrary Unicode.
+_texts = st.one_of(st.lists(st.sampled_from(_POOL), max_size=25).map("".join), st.text(max_size=30))
 
 
 @settings(max_examples=60, deadline=None, database=None)
@@ -125,7 +144,7 @@ def test_paper_matches_reference_on_random_text(pairs: list[tuple[str, str]]) ->
     got = score_generation(predictions, labels, flavour="paper")
     want_rows, want_means = reference_paper(predictions, labels)
     for got_row, want_row in zip(got, want_rows, strict=True):
-        assert_close(got_row, want_row)
+        assert_identical(got_row, want_row)
     assert_close(mean_scores(got), want_means)
 
 
@@ -195,27 +214,52 @@ def test_cjk_rouge_tokenizer_equals_rouge_score_default_on_ascii(text: str) -> N
 
 
 @pytest.mark.parametrize(
-    ("output", "letter", "fallback"),
+    ("output", "letter"),
     [
-        ("C", "C", False),
-        ("  b. Malaria", "B", False),
-        ("E) none of the above", "E", False),
-        ("A patient with fever", "A", False),  # the official rule, read literally
-        ("C项正确", "C", False),
-        ("Answer: C", "C", True),
-        ("(c)", "C", True),
-        ("**D**", "D", True),
-        ("The answer is B.", "B", True),
-        ("The correct option is (d) because", "D", True),
-        ("option3", "C", True),
-        ("I pick option 2", "B", True),
-        ("the answer is a viral infection", None, False),
-        ("Because of the fever", None, False),
-        ("", None, False),
+        ("C", "C"),
+        ("  b. Malaria", "B"),
+        ("E) none of the above", "E"),
+        ("C) Malaria", "C"),
+        ("C项正确", "C"),
+        ("**B**", "B"),
+        ("(c)", "C"),
+        ("Answer: D", "D"),
+        ("The answer is C.", "C"),
+        ("The correct option is (d) because", "D"),
+        ("答案是C", "C"),
+        ("答案：B。", "B"),
+        ("我选D", "D"),
+        ("option3", "C"),
+        ("I pick option 2", "B"),
+        ("A patient with fever", "A"),  # a capital cannot be told from "A is correct"
+        # Lower-case articles and abbreviations are not answers.
+        ("a viral infection caused by plasmodium", None),
+        ("e.g. malaria", None),
+        ("the answer is a viral infection", None),
+        ("answer: e.g. malaria", None),
+        ("Because of the fever", None),
+        ("", None),
     ],
 )
-def test_parse_choice(output: str, letter: str | None, fallback: bool) -> None:
-    assert parse_choice(output) == (letter, fallback)
+def test_extraction_mode(output: str, letter: str | None) -> None:
+    assert parse_choice(output) == letter
+
+
+@pytest.mark.parametrize(
+    ("output", "label", "correct"),
+    [
+        ("C", "C", True),
+        ("C) Malaria", "option3", True),
+        ("Cough", "C", True),  # the first character, read literally, as AfriMed-QA does
+        (" C", "C", False),  # no stripping
+        ("c", "C", False),  # no upper-casing
+        ("Answer: C", "C", False),
+        ("**C**", "C", False),
+        ("", "A", False),
+    ],
+)
+def test_official_rule_is_the_literal_first_character(output: str, label: str, correct: bool) -> None:
+    assert score_mcq([output], [label])[0].correct is correct
 
 
 def test_labels_accept_letters_and_afrimed_options() -> None:
@@ -226,15 +270,17 @@ def test_labels_accept_letters_and_afrimed_options() -> None:
 
 
 def test_mcq_accuracy_and_counts() -> None:
-    outputs = ["C", "Answer: B", "Because", "b", "Answer: A"]
-    labels = ["C", "option2", "A", "B", "C"]
+    outputs = ["C", "Answer: B", "Because", "b", " A", "", "e.g. malaria"]
+    labels = ["C", "option2", "A", "B", "A", "D", "E"]
     summary = summarize_mcq(score_mcq(outputs, labels))
-    assert summary["n"] == 5
-    assert summary["accuracy"] == pytest.approx(3 / 5)
-    assert summary["unparsed"] == 1
-    assert summary["fallback_used"] == 2
-    # Literal first character: C, A("Answer"), B("Because"), B, A -> right on rows 1 and 4.
-    assert summary["accuracy_first_char"] == pytest.approx(2 / 5)
+    assert summary["n"] == 7
+    # Official, literal first character: C, A, B, b, " ", none, e -> right on row 1 only.
+    assert summary["accuracy"] == pytest.approx(1 / 7)
+    # Extracted: C, B, none, B, A, none, none -> right on rows 1, 2, 4 and 5.
+    assert summary["accuracy_extracted"] == pytest.approx(4 / 7)
+    assert summary["not_extracted"] == 3
+    assert summary["empty_predictions"] == 1
+    assert "first character" in summary["rule"]
 
 
 def write_rows(path: Path, rows: list[Any]) -> Path:
@@ -329,7 +375,7 @@ def test_cli_writes_metrics_per_sample_and_provenance(tmp_path: Path) -> None:
 
 
 def test_cli_mcq(tmp_path: Path) -> None:
-    rows = [row(0, "C", "option3"), row(1, "The answer is A.", "B"), row(2, "no idea", "A")]
+    rows = [row(0, "C", "option3"), row(1, "The answer is B.", "B"), row(2, "no idea", "A")]
     source = write_rows(tmp_path / "mcq.jsonl", rows)
     out = tmp_path / "mcq_metrics.json"
     per_sample = tmp_path / "mcq_rows.jsonl"
@@ -339,12 +385,13 @@ def test_cli_mcq(tmp_path: Path) -> None:
     )
     metrics = json.loads(out.read_text(encoding="utf-8"))
     assert metrics["accuracy"] == pytest.approx(1 / 3)
-    assert (metrics["unparsed"], metrics["fallback_used"]) == (1, 1)
+    assert metrics["accuracy_extracted"] == pytest.approx(2 / 3)
+    assert (metrics["not_extracted"], metrics["empty_predictions"]) == (1, 0)
     traced = [json.loads(line) for line in per_sample.read_text(encoding="utf-8").splitlines()]
-    assert [(r["id"], r["parsed"], r["label"]) for r in traced] == [
-        ("r0", "C", "C"),
-        ("r1", "A", "B"),
-        ("r2", None, "A"),
+    assert [(r["id"], r["official"], r["extracted"], r["label"]) for r in traced] == [
+        ("r0", "C", "C", "C"),
+        ("r1", "T", "B", "B"),
+        ("r2", "n", None, "A"),
     ]
 
 

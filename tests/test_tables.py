@@ -38,7 +38,8 @@ def run(tmp_path: Path) -> Run:
             entries.append(
                 write_metrics(tmp_path, model, "style", variant, generation_metrics(offset + boost))
             )
-            accuracy = {"accuracy": 0.2 * offset + 0.3 * boost / 1.5, "n": 60, "unparsed": 0}
+            blank = int(offset + boost * 2)  # v2: 1 / 4, v3: 2 / 5 blank predictions
+            accuracy = {"accuracy": 0.2 * offset + 0.3 * boost / 1.5, "n": 60, "empty_predictions": blank}
             entries.append(write_metrics(tmp_path, model, "quiz", variant, accuracy))
     paper = {
         "v2": {
@@ -87,9 +88,12 @@ def test_rows_follow_the_paper_layout_with_published_rows_and_deltas(
         assert math.isnan(style.iloc[2][f"Δ {title}"])  # nothing published for V2-Lite + LoRA
     assert published["BLEU-1"] == 20.66
     quiz = tables["tasks/quiz"]
-    assert list(quiz.columns) == ["Model", "Accuracy", "Δ Accuracy"]
+    assert list(quiz.columns) == ["Model", "Accuracy (official)", "Blank", "Δ Accuracy (official)"]
     lora = quiz.set_index("Model").loc["V2-Lite + LoRA"]
-    assert lora["Δ Accuracy"] == pytest.approx(round(0.5 - 0.4812, 4))
+    assert lora["Δ Accuracy (official)"] == pytest.approx(round(0.5 - 0.4812, 4))
+    # Blank predictions per cell, from each metrics file; published rows have none.
+    assert [None if pd.isna(x) else x for x in quiz["Blank"]] == [1, None, 4, None, 2, 5]
+    assert style.columns[8] == "Blank"
 
 
 def test_combined_tables_carry_the_task_column(run: Run) -> None:
@@ -116,11 +120,15 @@ def test_written_files_render_blanks_not_nan(run: Run, tmp_path: Path) -> None:
     markdown = (tmp_path / "tables/tasks/style.md").read_text()
     assert "nan" not in markdown.lower()
     assert "V2-Lite (no LoRA) (paper)" in markdown
+    quiz_md = (tmp_path / "tables/tasks/quiz.md").read_text().splitlines()
+    # Counts print as integers, and a published row's count is empty.
+    assert [line.split("|")[3].strip() for line in quiz_md[2:]] == ["1", "", "4", "", "2", "5"]
     csv = pd.read_csv(tmp_path / "tables/accuracy.csv")
-    assert list(csv.columns) == ["Task", "Model", "Accuracy", "Δ Accuracy"]
+    assert list(csv.columns) == ["Task", "Model", "Accuracy (official)", "Blank", "Δ Accuracy (official)"]
     html = (tmp_path / "tables/tasks/quiz.html").read_text()
     assert html.count('<tr class="paper">') == 2
     assert "+0.0188" in html  # V2-Lite + LoRA vs the published 0.4812
+    assert "<td>4</td>" in html and "<NA>" not in html
 
 
 def test_page_is_self_contained_with_a_section_per_task(run: Run) -> None:
@@ -164,7 +172,8 @@ def test_cli_keeps_the_rule_contract_and_writes_the_page(run: Run, tmp_path: Pat
     assert json.loads((out / "provenance.json").read_text())["step"] == "tables"
     shown = run_ktflow("tables", "--show", str(out)).stdout
     assert "V3 + LoRA" in shown
-    assert "Δ Accuracy" in shown
+    assert "Δ Accuracy (official)" in shown
+    assert "Blank = predictions with no text" in shown
     page = tmp_path / "report/tables.html"
     run_ktflow("tables", "--page", str(page), "--spec", json.dumps(spec), *entries)
     assert "V2-Lite + LoRA" in page.read_text()

@@ -36,12 +36,22 @@ GENERATION_COLUMNS = {
     "rouge-2": "ROUGE-2",
     "rouge-l": "ROUGE-L",
 }
-MCQ_COLUMNS = {"accuracy": "Accuracy"}
+# ``accuracy`` is AfriMed-QA's official rule (the output's literal first character); the
+# title says so because the metrics JSON also carries a looser ``accuracy_extracted``.
+MCQ_COLUMNS = {"accuracy": "Accuracy (official)"}
 # kind -> (metric key -> column title, decimals, combined table name, heading)
 KINDS: dict[str, tuple[dict[str, str], int, str, str]] = {
     "generation": (GENERATION_COLUMNS, 2, "generation", "Generation (BLEU / ROUGE, x100)"),
-    "mcq": (MCQ_COLUMNS, 4, "accuracy", "Multiple choice (accuracy)"),
+    "mcq": (
+        MCQ_COLUMNS,
+        4,
+        "accuracy",
+        "Multiple choice (accuracy, AfriMed-QA official rule: the output's first character)",
+    ),
 }
+# Rows whose prediction is blank: they score 0 (generation) or count as wrong (MCQ).
+BLANK_KEY, BLANK_TITLE = "empty_predictions", "Blank"
+BLANK_NOTE = "Blank = predictions with no text, scored 0 / counted wrong and included in the mean."
 VARIANT_LABEL = {"base": "{model} (no LoRA)", "lora": "{model} + LoRA"}
 PAPER_SUFFIX = " (paper)"
 
@@ -57,6 +67,7 @@ class Result:
     variant: str
     values: dict[str, float | None]
     paper: dict[str, float | None] | None
+    blank: int | None = None
 
     @property
     def label(self) -> str:
@@ -107,6 +118,16 @@ def _published(
     return {key: _number(published.get(key), f"{where}.{key}", "--spec") for key in columns}
 
 
+def _blank_count(metrics: dict[str, Any], path: Path) -> int | None:
+    """The metrics file's blank-prediction count; None for files written before it was counted."""
+    value = metrics.get(BLANK_KEY)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise KtflowInputError(path, BLANK_KEY, f"expected a count (integer >= 0), got {value!r}")
+    return value
+
+
 def collect(entries: list[tuple[str, str, str, Path]], spec: dict[str, Any]) -> list[Result]:
     """Read every metrics file (all checked before any table is built), in table order."""
     results: list[Result] = []
@@ -127,8 +148,9 @@ def collect(entries: list[tuple[str, str, str, Path]], spec: dict[str, Any]) -> 
             raise KtflowInputError(path, missing[0], f"metric missing (is this a {kind} task's metrics?)")
         values = {key: _number(metrics[key], key, path) for key in columns}
         display = spec.get("models", {}).get(model, model)
+        published = _published(spec, model, task, variant, kind)
         results.append(
-            Result(model, display, task, kind, variant, values, _published(spec, model, task, variant, kind))
+            Result(model, display, task, kind, variant, values, published, _blank_count(metrics, path))
         )
     # The paper's layout: task by task, models in config order, base above LoRA.
     tasks = list(dict.fromkeys(r.task for r in results))
@@ -143,12 +165,12 @@ def frame(results: list[Result], kind: str, with_task: bool) -> pd.DataFrame:
     """One kind's rows; "Δ" columns appear only when some row has published numbers."""
     columns, decimals, _, _ = KINDS[kind]
     with_paper = any(result.paper for result in results)
-    titles = (["Task"] if with_task else []) + ["Model", *columns.values()]
+    titles = (["Task"] if with_task else []) + ["Model", *columns.values(), BLANK_TITLE]
     if with_paper:
         titles += [f"Δ {title}" for title in columns.values()]
     rows: list[dict[str, Any]] = []
     for result in results:
-        row: dict[str, Any] = {"Task": result.task, "Model": result.label}
+        row: dict[str, Any] = {"Task": result.task, "Model": result.label, BLANK_TITLE: result.blank}
         for key, title in columns.items():
             value = result.values[key]
             row[title] = round(value, decimals) if value is not None else None
@@ -162,7 +184,10 @@ def frame(results: list[Result], kind: str, with_task: bool) -> pd.DataFrame:
                 published = result.paper[key]
                 paper_row[title] = round(published, decimals) if published is not None else None
             rows.append(paper_row)
-    return pd.DataFrame(rows, columns=titles)
+    table = pd.DataFrame(rows, columns=titles)
+    # Integer counts with gaps (published rows have none): not floats like 2.0.
+    table[BLANK_TITLE] = table[BLANK_TITLE].astype("Int64")
+    return table
 
 
 def build_tables(entries: list[tuple[str, str, str, Path]], spec: dict[str, Any]) -> dict[str, pd.DataFrame]:
@@ -181,7 +206,7 @@ def tables_from(results: list[Result]) -> dict[str, pd.DataFrame]:
 
 
 def _cell(value: Any, title: str) -> str:
-    if value is None or (isinstance(value, float) and pd.isna(value)):
+    if value is None or value is pd.NA or (isinstance(value, float) and pd.isna(value)):
         return "<td></td>"
     if title.startswith("Δ "):
         return f'<td class="{"up" if value > 0 else "down" if value < 0 else ""}">{value:+g}</td>'
@@ -225,7 +250,7 @@ def render_page(results: list[Result], title: str = "ktflow results") -> str:
             f"<h2>{html.escape(heading)}</h2>\n{html_table(frame(rows, rows[0].kind, with_task=False))}"
         )
     note = "<p>Rows marked (paper) are the published numbers; Δ = reproduced − published.</p>"
-    paper = note if any(r.paper for r in results) else ""
+    paper = (note if any(r.paper for r in results) else "") + f"<p>{html.escape(BLANK_NOTE)}</p>"
     return (
         '<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
         f"<title>{html.escape(title)}</title>\n"
@@ -259,7 +284,7 @@ def show(out_dir: Path) -> None:
         path = out_dir / f"{name}.md"
         if path.is_file() and len(path.read_text().splitlines()) > 2:
             print(f"\n## {title}  [{path}]\n\n{path.read_text()}")
-    print(f"Tables (CSV / Markdown / HTML, all tasks and tasks/<task>.*) are in {out_dir}/")
+    print(f"{BLANK_NOTE}\nTables (CSV / Markdown / HTML, all tasks and tasks/<task>.*) are in {out_dir}/")
 
 
 def configure(parser: argparse.ArgumentParser) -> None:

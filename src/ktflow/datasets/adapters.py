@@ -217,10 +217,20 @@ def _loads(path: Path, text: str, where: str | None) -> Any:
 
 LETTERS = "ABCDE"
 _OPTION = re.compile(r"option([1-5])")
-MCQ_INSTRUCTION = (
-    "Answer the multiple-choice question with the letter of the one correct option (A, B, C, D or E) "
-    "and nothing else."
-)
+# AfriMed-QA's data preparation drops options whose text is "N/A" (true/false questions
+# carry option3..option5 as "N/A"), so the prompt offers only the real options.
+NOT_AN_OPTION = "N/A"
+
+
+def mcq_instruction(letters: str) -> str:
+    """The MCQ instruction, naming only the letters the question offers ("A or B", "A, B, C or D")."""
+    named = letters[0] if len(letters) == 1 else f"{', '.join(letters[:-1])} or {letters[-1]}"
+    return (
+        f"Answer the multiple-choice question with the letter of the one correct option ({named}) "
+        "and nothing else."
+    )
+
+
 SAQ_INSTRUCTION = "Answer the short-answer medical question: give a short answer, then the rationale for it."
 
 
@@ -312,10 +322,14 @@ class AfriMedQAMCQAdapter(AfriMedQAAdapter):
         number = int(match.group(1))
         if number not in options:
             raise KtflowInputError(
-                path, f"row {row}.correct_answer", f"option{number} is not among answer_options"
+                path,
+                f"row {row}.correct_answer",
+                f"option{number} is not among answer_options (empty and N/A options are dropped)",
             )
-        lines = [question] + [f"{LETTERS[n - 1]}. {text}" for n, text in sorted(options.items())]
-        return MCQ_INSTRUCTION, "\n".join(lines), LETTERS[number - 1]
+        offered = sorted(options)
+        lines = [question] + [f"{LETTERS[n - 1]}. {options[n]}" for n in offered]
+        instruction = mcq_instruction("".join(LETTERS[n - 1] for n in offered))
+        return instruction, "\n".join(lines), LETTERS[number - 1]
 
     @staticmethod
     def _options(path: Path, row: int, raw: str) -> dict[int, str]:
@@ -333,12 +347,15 @@ class AfriMedQAMCQAdapter(AfriMedQAAdapter):
             match = _OPTION.fullmatch(str(key).strip().lower())
             if match is None:
                 raise KtflowInputError(path, where, f"unexpected key {key!r} (expected option1..option5)")
-            text = clean_text(str(value)) if value is not None else ""
-            # Letters stay tied to option numbers, so a blank option leaves a gap, not a shift.
-            if text:
-                options[int(match.group(1))] = " ".join(text.split())
+            text = " ".join(clean_text(str(value)).split()) if value is not None else ""
+            # Letters stay tied to option numbers (as in AfriMed-QA), so a blank or "N/A"
+            # option leaves a gap, not a shift.
+            if text and text.upper() != NOT_AN_OPTION:
+                options[int(match.group(1))] = text
         if len(options) < 2:
-            raise KtflowInputError(path, where, f"needs at least two non-empty options, got {len(options)}")
+            raise KtflowInputError(
+                path, where, f"needs at least two options that are neither empty nor N/A, got {len(options)}"
+            )
         return options
 
 

@@ -7,13 +7,14 @@ score a blank prediction or label (nothing but whitespace) as 0 on every metric.
 
 from __future__ import annotations
 
-import logging
 import math
 import re
 import unicodedata
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
+
+from ktflow.metrics.paper import JiebaTokens, RougeWords, cumulative_bleu, rouge_l_f, rouge_n_f
 
 
 def is_blank(text: str) -> bool:
@@ -82,28 +83,22 @@ class PaperFlavour(GenerationFlavour):
     )
 
     def prepare(self) -> None:
-        import jieba
-        from nltk.translate.bleu_score import SmoothingFunction, sentence_bleu
-        from rouge_chinese import Rouge
-
-        # jieba announces its dictionary load on stderr at DEBUG level.
-        jieba.setLogLevel(logging.INFO)
-        jieba.initialize()
-        self._cut = jieba.cut
-        self._bleu = sentence_bleu
-        self._smoothing = SmoothingFunction().method3
-        self._rouge = Rouge()
+        self._tokens = JiebaTokens()
+        self._rouge_words = RougeWords()
 
     def _score_nonblank(self, predict: str, label: str) -> dict[str, float]:
-        hypothesis = list(self._cut(predict))
-        reference = list(self._cut(label))
-        # One call with all four weight vectors: nltk computes the n-gram precisions once
-        # and gives the same floats as four separate calls (all vectors have length 4).
-        bleu = self._bleu(
-            [reference], hypothesis, weights=list(PAPER_BLEU_WEIGHTS), smoothing_function=self._smoothing
+        hypothesis = self._tokens(predict)
+        reference = self._tokens(label)
+        bleu = cumulative_bleu(reference, hypothesis, PAPER_BLEU_WEIGHTS)
+        # rouge_chinese scores the space-joined jieba tokens (get_scores(hyp, ref)).
+        hyp_words = self._rouge_words(" ".join(hypothesis))
+        ref_words = self._rouge_words(" ".join(reference))
+        rouge = (
+            rouge_n_f(hyp_words, ref_words, 1),
+            rouge_n_f(hyp_words, ref_words, 2),
+            rouge_l_f(hyp_words, ref_words),
         )
-        rouge = self._rouge.get_scores(" ".join(hypothesis), " ".join(reference))[0]
-        values = [*bleu, rouge["rouge-1"]["f"], rouge["rouge-2"]["f"], rouge["rouge-l"]["f"]]
+        values = [*bleu, *rouge]
         return {key: float(round(value * 100, 4)) for key, value in zip(self.keys, values, strict=True)}
 
 

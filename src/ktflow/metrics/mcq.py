@@ -1,23 +1,25 @@
-"""Multiple-choice accuracy with AfriMed-QA's answer rule plus a documented fallback.
+"""Multiple-choice accuracy: AfriMed-QA's official rule, and a separately reported extraction.
 
-AfriMed-QA's official scoring takes the first character of the model output as
-the answer letter (options option1..option5 map to A..E). Read literally, that
-turns "Answer: C" into A and "Because ..." into B, so ktflow applies it as:
+``official`` (``accuracy`` in METRICS.json, and what the tables show): AfriMed-QA's
+no-explanation scoring takes the model output's first character as the answer
+(``[text[0] for text in outputs]``), with no stripping and no upper-casing, and compares
+it with the answer letter (option1..option5 -> A..E). " C", "c" and "Answer: C" are
+therefore wrong, and a blank output has no first character and is wrong.
 
-1. ``first_char`` (official): the first character of the stripped output, upper-cased,
-   when it is one of A-E and is not the start of a longer word (the next character,
-   if any, is not an ASCII letter). "C", "c.", "B) Malaria", "C项", "A patient ..." parse here.
-2. Fallbacks, tried in order only when rule 1 finds nothing:
-   ``decorated``: the same after leading brackets, quotes or markdown ("(c)", "**B**");
-   ``cue``: a letter after "answer", "option" or "choice", optionally followed by
-   "is" / "would be" and ":" ("Answer: C", "The answer is B.", "correct option is (d)");
-   ``option_number``: "option 3" / "option3" -> C.
-   In ``decorated`` and ``cue`` a lower-case letter counts only when nothing but
-   punctuation follows it, so "the answer is a viral infection" is not read as A.
-3. Otherwise the output is ``unparsed`` and counts as wrong.
+``extracted`` (``accuracy_extracted``): the letter a reader would take from the output,
+for models that do not answer with a bare letter. Tried in order:
 
-The literal official rule (first character, upper-cased, no word check) is reported
-beside it as ``accuracy_first_char`` so published numbers stay comparable.
+1. ``leading``: a letter at the start, after any whitespace, brackets, quotes or markdown
+   ("C", "**B**", "(c)", "C) Malaria", "C项");
+2. ``cue``: a letter after "answer", "option" or "choice" (optionally "is" / "would be" and
+   ":"), or after 答案 / 选项 / 选 ("The answer is C.", "Answer: D", "答案是C", "选B");
+3. ``option_number``: "option 3" / "option3" -> C.
+
+An upper-case letter counts when no letter or digit follows it. A lower-case letter counts
+only when the text ends after it or it is followed by closing punctuation that does not
+run into another letter: "a viral infection ..." is an article and "e.g. malaria" an
+abbreviation, not answers A and E, while "c." and "(b)" are answers. A capital "A patient
+..." still reads as A: it cannot be told apart from "A is correct".
 """
 
 from __future__ import annotations
@@ -27,35 +29,36 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from ktflow.metrics.flavours import is_blank
+
 LETTERS = "ABCDE"
-_FIRST_CHAR = re.compile(r"[A-Ea-e](?![A-Za-z])")
 _OPTION_NUMBER = re.compile(r"option\s*([1-5])", re.IGNORECASE)
-# Upper case: any letter not glued to a following word character. Lower case: only
-# when followed by punctuation or the end, because "a" is also an English article.
-_LETTER = r"(?:(?P<upper>[A-E])(?![A-Za-z0-9])|(?P<lower>[a-e])(?=[\s).:\],*'\"]*$|[).:\],*'\"]))"
-_FALLBACKS: tuple[tuple[str, re.Pattern[str]], ...] = (
-    ("decorated", re.compile(r"^[\s(\[{<*_#\"'`]+" + _LETTER)),
+_LETTER = (
+    r"(?:(?P<upper>[A-E])(?![A-Za-z0-9])"
+    r"|(?P<lower>[a-e])(?=[\s\"'`*_]*$|[).:\]}>,*_'\"`]+(?![A-Za-z])))"
+)
+_DECORATION = r"[\s(\[{<*_#\"'`]*"
+_EXTRACTORS: tuple[tuple[str, re.Pattern[str]], ...] = (
+    ("leading", re.compile(r"^" + _DECORATION + _LETTER)),
     (
         "cue",
         re.compile(
-            r"(?i:\b(?:answer|option|choice)s?\b(?:\s+(?:is|would\s+be))?\s*[:：=\-]?\s*[(\[{*\"'`]*)"
-            + _LETTER
+            r"(?:(?i:\b(?:answer|option|choice)s?\b(?:\s+(?:is|would\s+be))?\s*[:：=\-]?)"
+            r"|(?:答案|选项|选择|选)\s*(?:是|为|应该是|应为)?\s*[:：]?)\s*"
+            r"[(\[{*_\"'`（]*" + _LETTER
         ),
     ),
     ("option_number", re.compile(r"(?i:\boption\s*(?P<number>[1-5])\b)")),
 )
-
-
-@dataclass(frozen=True)
-class ChoiceMatch:
-    """The letter read from one output and the rule that read it (None: unparsed)."""
-
-    letter: str | None
-    rule: str | None
-
-    @property
-    def fallback_used(self) -> bool:
-        return self.rule not in (None, "first_char")
+OFFICIAL_RULE = (
+    "official (AfriMed-QA): the output's literal first character must equal the answer letter "
+    "(no stripping, no upper-casing); a blank output is wrong"
+)
+EXTRACTED_RULE = (
+    "extracted (ktflow): a leading letter after whitespace/brackets/markdown, else a letter after "
+    "answer/option/choice or 答案/选项, else 'option N'; lower-case letters only when punctuation or "
+    "the end follows (not articles or abbreviations)"
+)
 
 
 def normalize_label(raw: str) -> str:
@@ -69,18 +72,22 @@ def normalize_label(raw: str) -> str:
     raise ValueError(f"expected an option letter A-E or option1..option5, got {raw!r}")
 
 
-def first_char_choice(text: str) -> str | None:
-    """AfriMed-QA's literal rule: the first character of the stripped output, upper-cased."""
-    stripped = text.strip()
-    return stripped[0].upper() if stripped and stripped[0].upper() in LETTERS else None
+def official_choice(text: str) -> str | None:
+    """AfriMed-QA's rule: the output's first character, as it is (None for an empty output)."""
+    return text[0] if text else None
 
 
-def match_choice(text: str) -> ChoiceMatch:
-    stripped = text.strip()
-    if _FIRST_CHAR.match(stripped):
-        return ChoiceMatch(stripped[0].upper(), "first_char")
-    for rule, pattern in _FALLBACKS:
-        found = pattern.search(stripped)
+@dataclass(frozen=True)
+class ChoiceMatch:
+    """The letter the extraction read from one output and the rule that read it (None: none)."""
+
+    letter: str | None
+    rule: str | None
+
+
+def extract_choice(text: str) -> ChoiceMatch:
+    for rule, pattern in _EXTRACTORS:
+        found = pattern.search(text)
         if found:
             number = found.groupdict().get("number")
             letter = LETTERS[int(number) - 1] if number else (found["upper"] or found["lower"]).upper()
@@ -88,30 +95,35 @@ def match_choice(text: str) -> ChoiceMatch:
     return ChoiceMatch(None, None)
 
 
-def parse_choice(text: str) -> tuple[str | None, bool]:
-    """(answer letter or None, whether a fallback rule was needed)."""
-    found = match_choice(text)
-    return found.letter, found.fallback_used
+def parse_choice(text: str) -> str | None:
+    """The answer letter the extraction mode reads from ``text`` (None when it finds none)."""
+    return extract_choice(text).letter
 
 
 @dataclass(frozen=True)
 class McqScore:
     label: str
-    match: ChoiceMatch
-    first_char: str | None
+    official: str | None
+    extracted: ChoiceMatch
+    blank: bool
 
     @property
     def correct(self) -> bool:
-        return self.match.letter == self.label
+        return self.official == self.label
+
+    @property
+    def correct_extracted(self) -> bool:
+        return self.extracted.letter == self.label
 
     def as_row(self) -> dict[str, Any]:
         return {
-            "parsed": self.match.letter,
             "label": self.label,
+            "official": self.official,
             "correct": self.correct,
-            "rule": self.match.rule,
-            "first_char": self.first_char,
-            "correct_first_char": self.first_char == self.label,
+            "extracted": self.extracted.letter,
+            "extraction_rule": self.extracted.rule,
+            "correct_extracted": self.correct_extracted,
+            "empty_prediction": self.blank,
         }
 
 
@@ -120,7 +132,7 @@ def score_mcq(predictions: Sequence[str], labels: Sequence[str]) -> list[McqScor
     if len(predictions) != len(labels):
         raise ValueError(f"{len(predictions)} predictions but {len(labels)} labels")
     return [
-        McqScore(normalize_label(label), match_choice(text), first_char_choice(text))
+        McqScore(normalize_label(label), official_choice(text), extract_choice(text), is_blank(text))
         for text, label in zip(predictions, labels, strict=True)
     ]
 
@@ -131,10 +143,11 @@ def summarize_mcq(scores: Sequence[McqScore]) -> dict[str, Any]:
     n = len(scores)
     return {
         "task": "mcq",
-        "rule": "afrimed-qa first character, with ktflow fallbacks (see ktflow.metrics.mcq)",
+        "rule": OFFICIAL_RULE,
+        "extraction_rule": EXTRACTED_RULE,
         "n": n,
         "accuracy": sum(score.correct for score in scores) / n,
-        "accuracy_first_char": sum(score.first_char == score.label for score in scores) / n,
-        "unparsed": sum(score.match.letter is None for score in scores),
-        "fallback_used": sum(score.match.fallback_used for score in scores),
+        "accuracy_extracted": sum(score.correct_extracted for score in scores) / n,
+        "empty_predictions": sum(score.blank for score in scores),
+        "not_extracted": sum(score.extracted.letter is None for score in scores),
     }
