@@ -672,7 +672,21 @@ def _(i: Inputs) -> Bad:
     return Bad(["fetch", str(out), "--source", "local", "--path", str(src)], src / SHARD1, UP_SCALE, (out,))
 
 
-# ---- end of the issue 13 items 1-2 block ----------------------------------------------------------
+# ---- outputs under a regular file: one line naming the path (issue 13 item 8) ----------------------
+
+
+@case("output-under-a-regular-file")
+def _(i: Inputs) -> Bad:
+    out = write(i.tmp / "taken", "a file, not a directory") / "style"
+    return Bad(["tiny-tasks", "style", str(out)], out, None, (out,))
+
+
+@case("train-work-dir-under-a-regular-file")
+def _(i: Inputs) -> Bad:
+    data = write(i.tmp / "train.json", ALPACA)
+    work = write(i.tmp / "taken", "a file") / "work"
+    argv = ["train", str(i.bf16), str(data), str(i.tmp / "adapter"), "--work-dir", str(work)]
+    return Bad([*argv, "--spec", json.dumps(SFT)], work, None, (i.tmp / "adapter",))
 
 
 @pytest.fixture
@@ -928,45 +942,6 @@ def test_config_check_accepts_or_names_a_key(edits: list[tuple[str, str, Any]]) 
             config[block] = value
     error, _ = failure(lambda: check_config(config, "config.yaml", schema=SCHEMA))
     assert error is None or (error.path == "config.yaml" and error.field)
-
-
-# ---- issue 13 (items 1, 5, 8; trainer session): outputs under a regular file, a NaN model -------
-# Same contract as the catalogue above (exit 2, one line naming the file), each case its own run.
-
-TRAINER_CASES: dict[str, Callable[[Inputs], Bad]] = {}
-
-
-def trainer_case(name: str) -> Callable[[Callable[[Inputs], Bad]], Callable[[Inputs], Bad]]:
-    def register(build: Callable[[Inputs], Bad]) -> Callable[[Inputs], Bad]:
-        TRAINER_CASES[name] = build
-        return build
-
-    return register
-
-
-@trainer_case("output-under-a-regular-file")
-def _(i: Inputs) -> Bad:
-    out = write(i.tmp / "taken", "a file, not a directory") / "style"
-    return Bad(["tiny-tasks", "style", str(out)], out, None, (out,))
-
-
-@trainer_case("train-work-dir-under-a-regular-file")
-def _(i: Inputs) -> Bad:
-    data = write(i.tmp / "train.json", ALPACA)
-    work = write(i.tmp / "taken", "a file") / "work"
-    argv = ["train", str(i.bf16), str(data), str(i.tmp / "adapter"), "--work-dir", str(work)]
-    return Bad([*argv, "--spec", json.dumps(SFT)], work, None, (i.tmp / "adapter",))
-
-
-@pytest.mark.parametrize("name", list(TRAINER_CASES))
-def test_trainer_session_bad_input_gives_one_line(name: str, inputs: Inputs) -> None:
-    bad = TRAINER_CASES[name](inputs)
-    result = run_ktflow(*bad.argv, check=False)
-    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
-    prefix = f"ktflow {bad.argv[0]}: error: "
-    errors = [line for line in result.stderr.splitlines() if line.startswith(prefix)]
-    assert len(errors) == 1 and f"{bad.file}: " in errors[0], result.stderr[-3000:]
-    assert not leftovers(bad.outputs), leftovers(bad.outputs)
 
 
 # ---- issue 13.8 (trainer session): config files read strictly, errors blamed on the right layer --
