@@ -5,7 +5,7 @@ min_version("9.27")
 
 
 # common.smk reads config/config.yaml (when present), each --configfile and --config itself
-# (ktflow.configfile: file and line for a YAML error or a duplicate key), then validates the
+# (ktflow.config_layers: file and line for a YAML error or a duplicate key), then validates the
 # merged config against workflow/schemas/config.schema.yaml (JSON Schema 2020-12) and the
 # cross-field rules, with one error line naming the file that set the bad key, and the key.
 include: "workflow/rules/common.smk"
