@@ -28,11 +28,11 @@ from hypothesis import strategies as st
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from ktflow.cast.shards import read_header
 from ktflow.config import check_config
 from ktflow.errors import KtflowInputError
 from ktflow.infer.base import requests_from_alpaca
 from ktflow.metrics.records import load_predictions
+from ktflow.safetensors_header import read_header
 from ktflow.train.datasets import check_rows, load_rows
 
 INDEX = "model.safetensors.index.json"

@@ -21,9 +21,10 @@ from safetensors.torch import load_file, save_file
 
 from ktflow.cast import CAST_MARKER, cast_checkpoint, verify_checkpoint
 from ktflow.cast.formats import Fp8Block, Workspace
-from ktflow.cast.shards import Reader, read_header
+from ktflow.cast.shards import Reader
 from ktflow.cast.synthetic import write_fp8_release, write_int4_release
 from ktflow.errors import KtflowInputError
+from ktflow.safetensors_header import read_header
 
 INDEX = "model.safetensors.index.json"
 

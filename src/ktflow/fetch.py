@@ -26,9 +26,9 @@ from pathlib import Path
 from typing import Any
 
 from ktflow.atomic import atomic_dir
-from ktflow.cast.shards import read_header
 from ktflow.errors import KtflowInputError
 from ktflow.provenance import PROVENANCE_NAME, recorded
+from ktflow.safetensors_header import read_header
 
 log = logging.getLogger(__name__)
 

@@ -96,13 +96,14 @@ def throughput(record: dict[str, Any] | None) -> dict[str, Any]:
     """Tokens/s and step time of the steps this process ran (after a resume: only those)."""
     if record is None:
         return dict.fromkeys(("throughput_basis", "resumed_from_step", "tokens_per_s", "step_time_s"))
-    steps, tokens, seconds = record["steps_run"], record["tokens_run"], record["seconds"]
+    # Rates come from the rounded seconds that the JSON shows, so the file is self-consistent.
+    steps, tokens, seconds = record["steps_run"], record["tokens_run"], round(record["seconds"], 3)
     return {
         "throughput_basis": "steps run by this process",
         "resumed_from_step": record["resumed_from_step"],
         "steps_run": steps,
         "tokens_run": tokens,
-        "seconds_run": round(seconds, 3),
+        "seconds_run": seconds,
         "tokens_per_s": round(tokens / seconds, 3) if steps and tokens and seconds > 0 else None,
         "step_time_s": round(seconds / steps, 4) if steps and seconds > 0 else None,
     }
