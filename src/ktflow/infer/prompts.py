@@ -20,12 +20,11 @@ from typing import Any
 
 from ktflow.datasets.contract import row_name
 from ktflow.errors import KtflowInputError
-from ktflow.infer.base import Request
+from ktflow.infer.base import Request, Sampling
 
 log = logging.getLogger(__name__)
 
 POLICIES = ("refuse", "truncate")
-DEFAULT_MAX_NEW_TOKENS = 64  # ktflow.infer.base.Sampling's default
 
 
 @dataclass(frozen=True)
@@ -56,7 +55,7 @@ def prompt_limit(spec: dict[str, Any], model_dir: Path) -> PromptLimit | None:
         candidates.append((int(spec["max_prompt_tokens"]), "inference.max_prompt_tokens"))
     positions = _positions(model_dir)
     if positions is not None:
-        new = int(spec.get("max_new_tokens", DEFAULT_MAX_NEW_TOKENS))
+        new = int(spec.get("max_new_tokens", Sampling.max_new_tokens))
         if positions - new < 1:
             message = f"{new} leaves no room for a prompt in max_position_embeddings {positions}"
             raise KtflowInputError("config", "inference.max_new_tokens", message)
