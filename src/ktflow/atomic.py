@@ -92,6 +92,20 @@ def _on_write_side(error: OSError, target: Path) -> bool:
     return failed == parent or failed.is_relative_to(parent) or parent.is_relative_to(failed)
 
 
+def write_fault(error: OSError) -> str | None:
+    """``<path>: <what is wrong>`` for any write that failed for want of room, or because a path
+    component is a regular file; None for other errors. The CLI's last word when no step's own
+    ``storage_errors`` caught the fault (e.g. an output directory under a file)."""
+    code = error.errno or 0
+    if code in _SPACE:
+        reason = f"{_SPACE[code]}: free space and rerun"
+    elif code == errno.ENOTDIR:
+        reason = "a component of this path is a regular file, not a directory: choose another path"
+    else:
+        return None
+    return f"{os.fsdecode(error.filename)}: {reason}" if error.filename is not None else reason
+
+
 def storage_error(error: OSError, target: Path) -> StorageError | None:
     """The one-line error for a write of ``target`` that failed with ``error`` (None: not a storage fault)."""
     if not _on_write_side(error, target):

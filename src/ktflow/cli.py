@@ -7,10 +7,8 @@ stays instant and a step never pays for another step's heavy imports.
 from __future__ import annotations
 
 import argparse
-import errno
 import importlib
 import logging
-import os
 import sys
 from collections.abc import Sequence
 
@@ -41,23 +39,6 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "which steps are up to date for the current config, which would rerun, and why",
     ),
 }
-
-
-# Faults of where a step writes, not of the code: one line naming the path, never a traceback.
-_WRITE_FAULTS = {
-    errno.ENOSPC: "no space left on the device: free space and rerun",
-    errno.EDQUOT: "disk quota exceeded: free space and rerun",
-    errno.EFBIG: "file too large for the file system (or the file-size limit)",
-    errno.ENOTDIR: "a component of this path is a regular file, not a directory: choose another path",
-}
-
-
-def storage_line(error: OSError) -> str | None:
-    """``<path>: <what is wrong>`` for a write that failed because of the storage, else None."""
-    reason = _WRITE_FAULTS.get(error.errno or 0)
-    if reason is None:
-        return None
-    return f"{os.fsdecode(error.filename)}: {reason}" if error.filename is not None else reason
 
 
 def _build_parser(command: str | None) -> argparse.ArgumentParser:
@@ -92,7 +73,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"ktflow {args.command}: hardware: {error}", file=sys.stderr)
         return 3
     except OSError as error:
-        line = storage_line(error)
+        from ktflow.atomic import write_fault  # only on the error path: start-up stays light
+
+        line = write_fault(error)
         if line is None:
             raise
         print(f"ktflow {args.command}: error: {line}", file=sys.stderr)
