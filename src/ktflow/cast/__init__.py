@@ -3,9 +3,8 @@
 Bit-exact (float32 product, round to nearest even), streaming (memory does not grow with shard
 size), parallel across shards, resumable after a kill, and verified before it is marked complete.
 
-The public names load on first use: importing ``ktflow.cast.shards`` (the header reader that
-``ktflow fetch`` shares) or ``ktflow.cast.cli`` does not import torch, so ``ktflow cast`` can start
-reading the checkpoint while torch loads.
+The public names load on first use: importing ``ktflow.cast.cli`` or ``ktflow.cast.shards`` does
+not import torch, so ``ktflow cast`` can start reading the checkpoint while torch loads.
 """
 
 from __future__ import annotations
