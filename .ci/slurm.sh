@@ -8,6 +8,9 @@
 #   .ci/slurm.sh up STATE_DIR     # configure + start; prints `export SLURM_CONF=...`
 #   .ci/slurm.sh down STATE_DIR   # stop what `up` started, remove STATE_DIR
 set -euo pipefail
+# The daemons (slurmd, slurmctld, munged, mysqld) live in the sbin dirs, which a plain
+# user PATH (env -i PATH=/usr/bin:/bin) lacks.
+export PATH="$PATH:/usr/sbin:/sbin"
 
 PACKAGES=(slurmctld slurmd slurm-client slurmdbd munge mariadb-server)
 # Private ports: a SLURM or MariaDB already on this host keeps its own.
