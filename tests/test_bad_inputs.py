@@ -243,7 +243,7 @@ def _(i: Inputs) -> Bad:
     return convert(i, root, root / "adapter_config.json", "use_dora")
 
 
-# ---- datasets: `ktflow train` (checked before LLaMA-Factory starts) and `ktflow prepare-data` -----
+# ---- datasets: `ktflow train` (checked before LLaMA-Factory starts) and `ktflow prepare-task` -----
 
 
 def train(i: Inputs, data: Path, field_name: str | None, spec: dict[str, Any] = SFT) -> Bad:
@@ -327,7 +327,7 @@ def _(i: Inputs) -> Bad:
 def prepare(i: Inputs, raw: Path, field_name: str | None, adapter_name: str = "nekoqa") -> Bad:
     out = i.tmp / "out" / "data"
     spec = {"source": "raw", "raw_file": str(raw), "adapter": adapter_name, "kind": "generation"}
-    return Bad(["prepare-data", str(out), "--spec", json.dumps(spec)], raw, field_name, (out,))
+    return Bad(["prepare-task", str(out), "--spec", json.dumps(spec)], raw, field_name, (out,))
 
 
 @case("raw-dataset-duplicate-ids")
@@ -354,7 +354,7 @@ def _(i: Inputs) -> Bad:
 
 
 # ==== issue 13 item 7: one dataset contract (ktflow.datasets.contract), rows numbered from 1 ======
-# Every step that reads rows (prepare-data, tiny-tasks, train, infer) runs the same check, so
+# Every step that reads rows (prepare-task, tiny-tasks, train, infer) runs the same check, so
 # one bad row gets the same "row N.<column>" in every step. Stage columns follow the
 # dataset_info entry (training.dataset: formatting, ranking, columns, tags).
 
@@ -467,14 +467,14 @@ def _(i: Inputs) -> Bad:
     return Bad(["infer", str(i.bf16), str(test), str(out)], test, "row 2.input", (out,))
 
 
-@pytest.mark.parametrize("step", ["prepare-data", "train", "infer"])
+@pytest.mark.parametrize("step", ["prepare-task", "train", "infer"])
 def test_one_bad_row_has_one_number_in_every_step(step: str, inputs: Inputs) -> None:
     """The third row repeats the first's id: every step calls it row 3."""
     data = write(inputs.tmp / "rows.json", [ALPACA[0], ALPACA[1], ALPACA[0], ALPACA[3]])
     out = inputs.tmp / "out"
     spec = json.dumps({"source": "raw", "raw_file": str(data), "adapter": "alpaca", "kind": "generation"})
     argv = {
-        "prepare-data": ["prepare-data", str(out), "--spec", spec],
+        "prepare-task": ["prepare-task", str(out), "--spec", spec],
         "train": train(inputs, data, None).argv,
         "infer": ["infer", str(inputs.bf16), str(data), str(out / "p.jsonl")],
     }[step]
@@ -484,8 +484,8 @@ def test_one_bad_row_has_one_number_in_every_step(step: str, inputs: Inputs) -> 
     )
 
 
-def test_rows_prepare_data_writes_are_rows_train_and_infer_accept(inputs: Inputs) -> None:
-    """Translational-Style rows have an empty instruction: prepare-data wrote them, train refused them."""
+def test_rows_prepare_task_writes_are_rows_train_and_infer_accept(inputs: Inputs) -> None:
+    """Translational-Style rows have an empty instruction: prepare-task wrote them, train refused them."""
     raw = write(
         inputs.tmp / "raw.json",
         [{"instruction": "", "input": f"s {n}", "output": f"t {n}"} for n in range(8)],
@@ -493,7 +493,7 @@ def test_rows_prepare_data_writes_are_rows_train_and_infer_accept(inputs: Inputs
     out = inputs.tmp / "data"
     spec = {"source": "raw", "raw_file": str(raw), "adapter": "translational-style", "kind": "generation",
             "split": {"method": "head", "train_rows": 6}}  # fmt: skip
-    run_ktflow("prepare-data", str(out), "--spec", json.dumps(spec))
+    run_ktflow("prepare-task", str(out), "--spec", json.dumps(spec))
     work = inputs.tmp / "work"
     run_ktflow("train", str(inputs.bf16), str(out / "train.json"), str(inputs.tmp / "adapter"),
                "--work-dir", str(work), "--spec", json.dumps(SFT), "--render-only")  # fmt: skip

@@ -363,7 +363,7 @@ def test_impossible_splits_name_the_key(spec: SplitSpec, field: str) -> None:
     assert caught.value.field == field
 
 
-# ---- raw sources and the prepare-data command ----------------------------------------------
+# ---- raw sources and the prepare-task command ----------------------------------------------
 
 
 @pytest.fixture
@@ -409,7 +409,7 @@ def test_url_source_downloads_checks_sha256_and_caches(tmp_path: Path, http_root
     assert not (cache / "other.json").exists()
 
 
-def test_prepare_data_cli_splits_afrimed_by_its_column(tmp_path: Path) -> None:
+def test_prepare_task_cli_splits_afrimed_by_its_column(tmp_path: Path) -> None:
     raw = write_afrimed_csv(tmp_path / "afrimed.csv", afrimed_quiz(8, 4))
     spec = {
         "source": "raw",
@@ -418,7 +418,7 @@ def test_prepare_data_cli_splits_afrimed_by_its_column(tmp_path: Path) -> None:
         "kind": "mcq",
         "split": {"method": "column"},
     }
-    run_ktflow("prepare-data", str(tmp_path / "out"), "--name", "afri", "--spec", json.dumps(spec))
+    run_ktflow("prepare-task", str(tmp_path / "out"), "--name", "afri", "--spec", json.dumps(spec))
     train = json.loads((tmp_path / "out/train.json").read_text())
     test = json.loads((tmp_path / "out/test.json").read_text())
     assert (len(train), len(test)) == (8, 4)
@@ -429,10 +429,10 @@ def test_prepare_data_cli_splits_afrimed_by_its_column(tmp_path: Path) -> None:
     assert provenance["inputs"][str(raw)]["sha256"] == provenance["extra"]["raw"]["sha256"]
 
 
-def test_prepare_data_cli_rejects_an_adapter_of_the_wrong_kind(tmp_path: Path) -> None:
+def test_prepare_task_cli_rejects_an_adapter_of_the_wrong_kind(tmp_path: Path) -> None:
     raw = write_afrimed_csv(tmp_path / "afrimed.csv", afrimed_quiz(4, 2))
     result = run_ktflow(
-        "prepare-data", str(tmp_path / "out"), "--adapter", "afrimed-qa-mcq", "--raw-file", str(raw),
+        "prepare-task", str(tmp_path / "out"), "--adapter", "afrimed-qa-mcq", "--raw-file", str(raw),
         "--spec", '{"kind": "generation"}', check=False,
     )  # fmt: skip
     assert result.returncode == 2
@@ -461,11 +461,11 @@ def test_hub_source_uses_the_cache_offline_and_explains_a_miss(tmp_path: Path) -
     env = {"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache)}
     for revision in (commit, "main"):
         out = tmp_path / f"out-{revision}"
-        run_ktflow("prepare-data", str(out), "--spec", json.dumps({**spec, "revision": revision}), **env)
+        run_ktflow("prepare-task", str(out), "--spec", json.dumps({**spec, "revision": revision}), **env)
         assert len(json.loads((out / "test.json").read_text())) == 5
     missing = {**spec, "repo_id": "someone/not-cached"}
     result = run_ktflow(
-        "prepare-data", str(tmp_path / "x"), "--spec", json.dumps(missing), check=False, **env
+        "prepare-task", str(tmp_path / "x"), "--spec", json.dumps(missing), check=False, **env
     )
     assert result.returncode == 2
     assert "unreachable" in result.stderr

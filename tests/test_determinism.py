@@ -181,6 +181,6 @@ def test_seeds_are_in_the_config_and_the_provenance(runs: tuple[Path, Path]) -> 
 def test_reduced_config_is_valid_and_plans_the_default_dag(tmp_path: Path) -> None:
     write_reduced_config(tmp_path)
     out = snakemake(tmp_path, "-n").stdout
-    for rule in ("tiny_model", "fetch", "cast_bf16", "train_lora", "infer", "evaluate", "tables"):
+    for rule in ("tiny_model", "fetch", "cast", "train", "infer", "evaluate", "tables"):
         assert f"\n{rule} " in out, rule
     assert not (tmp_path / "results").exists()

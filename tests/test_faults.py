@@ -55,13 +55,13 @@ KILLED_RULES: dict[str, tuple[str, str | None]] = {
     "tiny_model": ("tiny-model", None),
     "tiny_tasks": ("tiny-tasks", None),
     "fetch": ("fetch", None),
-    "cast_bf16": ("cast", None),
-    "train_lora": ("train", None),
-    "convert_lora_sglang": ("convert-lora", None),
+    "cast": ("cast", None),
+    "train": ("train", None),
+    "convert_lora": ("convert-lora", None),
     "infer": ("infer", None),
     "evaluate": ("evaluate", None),
     "tables": ("tables", "--out-dir"),
-    "report_tables": ("tables", "--page"),
+    "tables_html": ("tables", "--page"),
     "plots": ("plots", None),
 }
 START_TIMEOUT_S = 300

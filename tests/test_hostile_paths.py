@@ -3,7 +3,7 @@
 The whole DAG is planned (``snakemake -n -p``) with a results directory, a local model, a
 file task's train/test files and a raw task's file all named with shell metacharacters,
 and every printed command must keep each of those paths as one intact word. The cheap
-rules (fetch, cast_bf16, tiny_tasks, prepare_task) then really run on those paths, and
+rules (fetch, cast, tiny_tasks, prepare_task) then really run on those paths, and
 the commands hidden in the names must not have run. A slow test runs the whole reduced DAG
 (every rule, for real) on the same paths.
 """
@@ -26,8 +26,8 @@ from test_determinism import REDUCED, deep_merge
 HOSTILE = "a b 'q' \"dq\" $(touch pwned-dollar) `touch pwned-tick`"
 RESULTS = f"res {HOSTILE}"
 RULES = (
-    "fetch", "cast_bf16", "tiny_tasks", "prepare_task", "train_lora", "convert_lora_sglang", "infer",
-    "evaluate", "tables", "report_tables", "plots",
+    "fetch", "cast", "tiny_tasks", "prepare_task", "train", "convert_lora", "infer",
+    "evaluate", "tables", "tables_html", "plots",
 )  # fmt: skip
 
 

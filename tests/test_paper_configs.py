@@ -58,11 +58,11 @@ def test_dry_run_plans_the_whole_matrix_offline(config_path: Path, tmp_path: Pat
     models, tasks = config["experiments"]["models"], config["experiments"]["tasks"]
     out = dry_run(config_path, tmp_path)
     counts = job_counts(out)
-    assert counts["fetch"] == counts["cast_bf16"] == len(models)
+    assert counts["fetch"] == counts["cast"] == len(models)
     assert counts["prepare_task"] == len(tasks)
-    assert counts["train_lora"] == counts["convert_lora_sglang"] == len(models) * len(tasks)
+    assert counts["train"] == counts["convert_lora"] == len(models) * len(tasks)
     assert counts["infer"] == counts["evaluate"] == 2 * len(models) * len(tasks)
-    assert counts.get("convert_cpu_int8", 0) == sum(bool(config["models"][m].get("cpu_int8")) for m in models)
+    assert counts.get("convert_int8", 0) == sum(bool(config["models"][m].get("cpu_int8")) for m in models)
     assert not (tmp_path / config["results"]).exists()  # planning wrote nothing
 
 
@@ -82,7 +82,7 @@ def test_planned_jobs_carry_the_published_settings(config_path: Path, tmp_path: 
         for key in ("save_steps", "logging_steps", "template", "epochs"):
             assert spec[key] == config["training"][key], key
     assert {spec["backend"] for spec in shell_specs(out, "infer")} == {"sglang"}
-    for spec in shell_specs(out, "prepare-data"):
+    for spec in shell_specs(out, "prepare-task"):
         assert spec["source"] in ("hf-dataset", "url")
 
 
@@ -98,7 +98,7 @@ def test_deepseek_runs_use_the_benchmark_recipe(tmp_path: Path) -> None:
             assert (spec["lora"]["alpha"], spec["lora"]["dropout"]) == (32, 0.1)
         else:
             assert (spec["gradient_accumulation_steps"], spec["cutoff_len"], spec["epochs"]) == (8, 2048, 3)
-    split = {s["adapter"]: s["split"] for s in shell_specs(out, "prepare-data")}
+    split = {s["adapter"]: s["split"] for s in shell_specs(out, "prepare-task")}
     assert split["translational-style"] == {"method": "head", "train_rows": 10568}
 
 

@@ -158,7 +158,7 @@ def test_report_shows_the_config_and_runtimes(report: tuple[Path, str]) -> None:
     runtimes = html[html.index("var runtimes_spec") :]
     runtimes = json.loads(runtimes[runtimes.index("{") : runtimes.index("</script>")].strip().rstrip(";"))
     rules = {row["rule"] for row in runtimes["data"]["values"]}
-    assert {"prepare_task", "train_lora", "infer", "evaluate", "plots", "report_tables"} <= rules
+    assert {"prepare_task", "train", "infer", "evaluate", "plots", "tables_html"} <= rules
 
 
 @pytest.mark.slow

@@ -20,12 +20,13 @@ import pandas as pd
 import pytest
 from conftest import REPO, ktflow_env, snakemake
 
-from ktflow.status import code_modules, code_version, explain, parse_dry_run
+from ktflow.code_version import code_modules, code_version
+from ktflow.status import explain, parse_dry_run
 
 MODEL = "tiny-v3"
 AGGREGATES = {
     ("tables", "tables/generation.csv"),
-    ("report_tables", "report/tables.html"),
+    ("tables_html", "report/tables.html"),
     ("plots", "plots/loss.png"),
 }
 
@@ -76,8 +77,8 @@ def by_output(steps: list[dict[str, object]]) -> dict[str, dict[str, object]]:
     return {str(step["outputs"][0]).removeprefix("results/"): step for step in steps}  # type: ignore[index]
 
 
-TRAIN = jobs("train_lora", "lora/{model}/{task}/adapter", variants=("",))
-CONVERT = jobs("convert_lora_sglang", "lora/{model}/{task}/sglang", variants=("",))
+TRAIN = jobs("train", "lora/{model}/{task}/adapter", variants=("",))
+CONVERT = jobs("convert_lora", "lora/{model}/{task}/sglang", variants=("",))
 INFER_LORA = jobs("infer", "predictions/{model}/{task}/lora.jsonl", variants=("",))
 EVAL_LORA = jobs("evaluate", "metrics/{model}/{task}/lora.json", variants=("",))
 STYLE = ("style",)
@@ -110,7 +111,7 @@ def test_a_change_plans_exactly_the_steps_it_reaches(finished: Path, tmp_path: P
         edit(work, old, new)
     planned = ran(snakemake(work, "-n", "--cache"))
     assert planned == expected
-    assert not {"fetch", "cast_bf16", "tiny_model"} & {rule for rule, _ in planned}
+    assert not {"fetch", "cast", "tiny_model"} & {rule for rule, _ in planned}
 
 
 @pytest.mark.slow
@@ -191,7 +192,7 @@ def test_status_says_what_would_rerun_and_why(finished: Path, tmp_path: Path) ->
     assert rerun == expected
     for task in ("style", "choice"):
         assert "lora.rank: 16 -> 8" in steps[f"lora/tiny-v3/{task}/adapter"]["why"]  # type: ignore[operator]
-        assert steps[f"predictions/tiny-v3/{task}/lora.jsonl"]["why"] == ["after train_lora"]
+        assert steps[f"predictions/tiny-v3/{task}/lora.jsonl"]["why"] == ["after train"]
         assert steps[f"predictions/tiny-v3/{task}/base.jsonl"]["state"] == "up to date"
     assert steps["models/tiny-v3/bf16"]["state"] == "up to date"
 
@@ -210,8 +211,8 @@ def test_status_explains_snakemakes_params_reason_as_config_keys() -> None:
         "seed added (1)",
     ]
     updated = "Input files updated by another job: results/a, results/b"
-    assert explain(updated, {"results/a": "train_lora", "results/b": "cast_bf16"}) == [
-        "after cast_bf16, train_lora"
+    assert explain(updated, {"results/a": "train", "results/b": "cast"}) == [
+        "after cast, train"
     ]
 
 

@@ -76,7 +76,7 @@ def test_default_pipeline_on_slurm_gives_the_tables_of_a_local_run(
     states = {line.split("|")[0]: line.split("|")[1:] for line in accounting.splitlines() if line}
     assert {job: states[job][0] for job in submitted} == dict.fromkeys(submitted, "COMPLETED")
     partitions = {partition for _, partition in states.values()}
-    assert partitions == {"cpu", "gpu"}, "train_lora and infer go to the profile's gpu partition"
+    assert partitions == {"cpu", "gpu"}, "train and infer go to the profile's gpu partition"
     for table in ("generation.csv", "accuracy.csv"):
         local = pd.read_csv(finished / "results" / "tables" / table)
         pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "results" / "tables" / table), local)
@@ -90,8 +90,8 @@ def test_a_gpu_step_asks_slurm_for_gpus(cluster: dict[str, str], finished: Path,
     block = "resources:\n  threads: 2\n"
     assert text.count(block) == 1
     (work / "config.yaml").write_text(text.replace(block, block + "  gpus_train: 1\n"))
-    # Only train_lora takes a GPU; it is forced to run, alone, and this cluster has none.
-    result = on_slurm(work, cluster, "--forcerun", "train_lora", "--until", "train_lora", "--retries", "0")
+    # Only train takes a GPU; it is forced to run, alone, and this cluster has none.
+    result = on_slurm(work, cluster, "--forcerun", "train", "--until", "train", "--retries", "0")
     log = result.stdout + result.stderr
     assert result.returncode != 0
     call = re.search(r"sbatch call:\s*(sbatch .*)", log)

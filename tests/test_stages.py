@@ -181,7 +181,7 @@ def default_config(tmp_path: Path) -> Path:
 def test_one_key_switches_the_stage(default_config: Path, stage: str) -> None:
     out = snakemake(default_config.parent, "--configfile", str(default_config), "-n", "-p", "--cores", "2",
                     "--config", f"training={{'stage': '{stage}'}}").stdout  # fmt: skip
-    assert job_counts(out)["tiny_train_format"] == 2
+    assert job_counts(out)["tiny_tasks_format"] == 2
     fmt = {"dpo": "pairwise", "kto": "kto"}[stage]
     derive_step = f"ktflow tiny-tasks style results/data/style/{fmt} --format {fmt}"
     assert f"{derive_step} --from results/data/style/train.json" in out
@@ -193,11 +193,11 @@ def test_gpu_backends_plan_a_preflight_offline(default_config: Path) -> None:
         out = snakemake(default_config.parent, "--configfile", str(default_config), *extra, "-n", "-p",
                         "--cores", "2").stdout  # fmt: skip
         counts = job_counts(out)
-        assert counts.get("preflight", 0) == (2 if extra else 0)
+        assert counts.get("doctor", 0) == (2 if extra else 0)
     for example in sorted((REPO / "config" / "examples").glob("*.yaml")):
         out = snakemake(default_config.parent, "--configfile", str(default_config), str(example), "-n", "-p",
                         "--cores", "2").stdout  # fmt: skip
-        assert job_counts(out)["preflight"] >= 1, example.name
+        assert job_counts(out)["doctor"] >= 1, example.name
         assert "ktflow doctor --training " in out
 
 

@@ -11,8 +11,8 @@ import pandas as pd
 import pytest
 from conftest import BIN, REPO, ktflow_env, snakemake, snakemake_command
 
-RULES = ("fetch", "cast_bf16", "train_lora", "convert_lora_sglang", "infer", "evaluate", "tables")
-CACHED = ("fetch", "cast_bf16", "train_lora", "convert_lora_sglang", "infer")
+RULES = ("fetch", "cast", "train", "convert_lora", "infer", "evaluate", "tables")
+CACHED = ("fetch", "cast", "train", "convert_lora", "infer")
 METRICS = ["BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "ROUGE-1", "ROUGE-2", "ROUGE-L"]
 
 

@@ -14,30 +14,25 @@ from collections.abc import Sequence
 
 from ktflow import __version__
 from ktflow.errors import HardwareError, KtflowInputError
+from ktflow.steps import step_module
 
-# command -> (module defining configure(parser) and main(args), one-line help)
-COMMANDS: dict[str, tuple[str, str]] = {
-    "tiny-model": (
-        "ktflow.tiny.model",
-        "build the tiny DeepSeek-V3-layout FP8 'release' used by the default",
-    ),
-    "tiny-tasks": ("ktflow.tiny.tasks", "generate the seeded style-rewrite and multiple-choice tasks"),
-    "fetch": ("ktflow.fetch", "get a model snapshot from a local directory or the Hugging Face hub"),
-    "cast": ("ktflow.cast.cli", "cast an FP8 / INT4 checkpoint to BF16 (streaming, resumable, verified)"),
-    "train": ("ktflow.train.run", "render the LLaMA-Factory YAML and run LoRA training"),
-    "convert-lora": ("ktflow.adapters", "convert a LoRA adapter (HF or KT) into a PEFT dir SGLang loads"),
-    "convert-int8": ("ktflow.int8", "convert BF16 routed experts to KT's CPU INT8 layout (AMX hosts)"),
-    "infer": ("ktflow.infer.cli", "batch inference for the base model or base + adapter"),
-    "chat": ("ktflow.chat", "LLaMA-Factory's terminal chat on a finished run (base + adapter)"),
-    "evaluate": ("ktflow.metrics", "score predictions: BLEU-1..4 / ROUGE-1/2/L or MCQ accuracy"),
-    "prepare-data": ("ktflow.datasets.cli", "raw data set (AfriMed-QA, NekoQA, ...) -> task files"),
-    "tables": ("ktflow.tables", "collect metrics into tables in the paper's layout"),
-    "plots": ("ktflow.plots", "training-loss curves and base-vs-LoRA metric bars (PNG)"),
-    "doctor": ("ktflow.doctor", "preflight: CPU flags, GPUs, versions and memory estimates"),
-    "status": (
-        "ktflow.status",
-        "which steps are up to date for the current config, which would rerun, and why",
-    ),
+# command -> one-line help; its entry module is ktflow.steps.<command, - as _> (step_module).
+COMMANDS: dict[str, str] = {
+    "tiny-model": "build the tiny DeepSeek-V3-layout FP8 'release' used by the default",
+    "tiny-tasks": "generate the seeded style-rewrite and multiple-choice tasks",
+    "prepare-task": "raw data set (AfriMed-QA, NekoQA, ...) -> task files",
+    "fetch": "get a model snapshot from a local directory or the Hugging Face hub",
+    "cast": "cast an FP8 / INT4 checkpoint to BF16 (streaming, resumable, verified)",
+    "convert-int8": "convert BF16 routed experts to KT's CPU INT8 layout (AMX hosts)",
+    "doctor": "preflight: CPU flags, GPUs, versions and memory estimates",
+    "train": "render the LLaMA-Factory YAML and run LoRA training",
+    "convert-lora": "convert a LoRA adapter (HF or KT) into a PEFT dir SGLang loads",
+    "infer": "batch inference for the base model or base + adapter",
+    "evaluate": "score predictions: BLEU-1..4 / ROUGE-1/2/L or MCQ accuracy",
+    "tables": "collect metrics into tables in the paper's layout",
+    "plots": "training-loss curves and base-vs-LoRA metric bars (PNG)",
+    "chat": "LLaMA-Factory's terminal chat on a finished run (base + adapter)",
+    "status": "which steps are up to date for the current config, which would rerun, and why",
 }
 
 
@@ -46,10 +41,10 @@ def _build_parser(command: str | None) -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"ktflow {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", metavar="<step>", required=True)
-    for name, (module_name, help_text) in COMMANDS.items():
+    for name, help_text in COMMANDS.items():
         step = sub.add_parser(name, help=help_text, description=help_text)
         if name == command:
-            module = importlib.import_module(module_name)
+            module = importlib.import_module(step_module(name))
             module.configure(step)
             step.set_defaults(func=module.main)
     return parser

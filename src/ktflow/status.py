@@ -9,29 +9,25 @@ params change is shown as the config keys that changed (``lora.rank: 16 -> 8``) 
 Snakemake's raw before/now value sets, and a job whose output is already in the
 between-workflow cache is marked as restored rather than recomputed.
 
-This module also names each step's code version (:func:`code_version`), which every rule
-carries as a param: editing the code a step runs reruns it and keys its cache entry.
+Each rule carries its step's code version (:mod:`ktflow.code_version`) as a param; a
+changed one is shown as "code of `ktflow <command>` changed".
 """
 
 from __future__ import annotations
 
 import argparse
 import ast
-import functools
-import hashlib
 import json
 import re
 import subprocess
 import sys
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import dataclass, field
 from typing import Any
 
-import ktflow
+from ktflow.code_version import CODE_PREFIX
 from ktflow.errors import KtflowInputError
 
-CODE_PREFIX = "ktflow-code:"
 _JOB = re.compile(r"^(?:local)?(?:rule|checkpoint) (\S+):$")
 _FROM_CACHE = re.compile(r"Output file (.+) will be obtained from global between-workflow cache\.")
 _PARAMS = re.compile(r"before: (?P<old>.*?) now: (?P<new>.*)$", re.S)
@@ -44,73 +40,6 @@ _PHRASES = {
     "Code has changed since last execution": "rule's command changed",
     "Software environment definition has changed since last execution": "software environment changed",
 }
-
-
-# ---- code versions ------------------------------------------------------------------------------
-
-
-# Modules that cannot change what a step produces: messages and command dispatch.
-_NOT_CODE = frozenset({"ktflow.errors", "ktflow.cli", "ktflow.__main__"})
-_MODULE_NAME = re.compile(r"^ktflow(\.[a-z_][a-z0-9_]*)+$")
-
-
-def _module_file(name: str) -> Path | None:
-    base = Path(ktflow.__file__).parent.joinpath(*name.split(".")[1:])
-    return next((p for p in (base.with_suffix(".py"), base / "__init__.py") if p.is_file()), None)
-
-
-@functools.cache
-def _imported(path: Path) -> frozenset[str]:
-    """ktflow modules a file imports (anywhere in it) or names as a string (``-m ktflow.x``)."""
-    found: set[str] = set()
-    package = ".".join(("ktflow", *path.relative_to(Path(ktflow.__file__).parent).with_suffix("").parts))
-    for node in ast.walk(ast.parse(path.read_bytes())):
-        if isinstance(node, ast.Import):
-            found.update(alias.name for alias in node.names)
-        elif isinstance(node, ast.ImportFrom):
-            base = node.module or ""
-            if node.level:  # relative: from the importing module's package
-                parent = package.rsplit(".", node.level)[0] if path.name != "__init__.py" else package
-                base = f"{parent}.{base}".rstrip(".")
-            found.add(base)
-            found.update(f"{base}.{alias.name}" for alias in node.names)
-        elif (
-            isinstance(node, ast.Constant) and isinstance(node.value, str) and _MODULE_NAME.match(node.value)
-        ):
-            found.add(node.value)
-    return frozenset(name for name in found if name.startswith("ktflow.") and _module_file(name))
-
-
-@functools.cache
-def code_modules(command: str) -> tuple[str, ...]:
-    """The ktflow modules ``ktflow <command>`` runs: the module the CLI dispatches to and
-    every one it reaches through imports or starts with ``python -m``, with their packages."""
-    from ktflow.cli import COMMANDS
-
-    if command not in COMMANDS:
-        raise KtflowInputError(None, "command", f"unknown ktflow command {command!r}")
-    pending, seen = [COMMANDS[command][0]], set()
-    while pending:
-        parts = pending.pop().split(".")
-        for module in (".".join(parts[:i]) for i in range(2, len(parts) + 1)):
-            path = _module_file(module)
-            if module not in seen and module not in _NOT_CODE and path is not None:
-                seen.add(module)
-                pending.extend(_imported(path))
-    return tuple(sorted(seen))
-
-
-def code_version(command: str) -> str:
-    """``ktflow-code:<command>:<ktflow version>+<hash of code_modules(command)>``.
-
-    A change to another step's code leaves this step's version alone.
-    """
-    digest = hashlib.sha256()
-    for module in code_modules(command):
-        path = _module_file(module)
-        assert path is not None
-        digest.update(module.encode() + b"\0" + path.read_bytes())
-    return f"{CODE_PREFIX}{command}:{ktflow.__version__}+{digest.hexdigest()[:12]}"
 
 
 # ---- what Snakemake says ------------------------------------------------------------------------
@@ -371,30 +300,3 @@ def render(steps: Iterable[Step], only_changes: bool) -> str:
             row = f"{step.rule:<{width}}  {step.outputs[0]:<{out_width}}  {step.state:<10}  {why}"
             lines.append(row.rstrip())
     return "\n".join(lines)
-
-
-def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--snakefile", type=Path, default=Path("Snakefile"), help="default: ./Snakefile")
-    parser.add_argument("--configfile", type=Path, action="append", help="as for snakemake (repeatable)")
-    parser.add_argument("--directory", type=Path, help="working directory (default: the current one)")
-    parser.add_argument("--only-changes", action="store_true", help="list only the steps that would run")
-    parser.add_argument("--json", type=Path, help="also write the steps as JSON here")
-    parser.add_argument("--check", action="store_true", help="exit 1 when anything would run")
-    parser.add_argument(
-        "snakemake_args", nargs="*", metavar="-- ARG", help="more snakemake arguments, after --"
-    )
-
-
-def main(args: argparse.Namespace) -> int:
-    if not args.snakefile.is_file():
-        raise KtflowInputError(args.snakefile, None, "no Snakefile here; pass --snakefile")
-    for path in args.configfile or []:
-        if not (args.directory or Path()).joinpath(path).is_file() and not path.is_file():
-            raise KtflowInputError(path, None, "config file not found")
-    steps = status(*ask_snakemake(snakemake_base(args)))
-    print(render(steps, args.only_changes))
-    if args.json is not None:
-        from ktflow.atomic import write_json
-
-        write_json(args.json, [{**asdict(step), "state": step.state} for step in steps])
-    return 1 if args.check and any(step.reason for step in steps) else 0

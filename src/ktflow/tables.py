@@ -13,10 +13,8 @@ HTML page with every task's table (the Snakemake report embeds it).
 
 from __future__ import annotations
 
-import argparse
 import html
 import json
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,7 +23,6 @@ import pandas as pd
 
 from ktflow.atomic import write_text
 from ktflow.errors import KtflowInputError
-from ktflow.provenance import recorded
 
 GENERATION_COLUMNS = {
     "bleu-1": "BLEU-1",
@@ -285,41 +282,3 @@ def show(out_dir: Path) -> None:
         if path.is_file() and len(path.read_text().splitlines()) > 2:
             print(f"\n## {title}  [{path}]\n\n{path.read_text()}")
     print(f"{BLANK_NOTE}\nTables (CSV / Markdown / HTML, all tasks and tasks/<task>.*) are in {out_dir}/")
-
-
-def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("entries", nargs="*", help="MODEL:TASK:VARIANT=METRICS.json")
-    parser.add_argument("--out-dir", type=Path, default=None, help="table files (default results/tables)")
-    parser.add_argument(
-        "--page", type=Path, default=None, help="also (or, without --out-dir, only) this HTML page"
-    )
-    parser.add_argument("--spec", default="{}", help="JSON: display names, task kinds, published numbers")
-    parser.add_argument(
-        "--show", type=Path, default=None, metavar="DIR", help="print the tables in DIR and exit"
-    )
-
-
-def main(args: argparse.Namespace) -> int:
-    if args.show is not None:
-        if not args.show.is_dir():
-            print(f"ktflow tables: no tables in {args.show}; run the pipeline first", file=sys.stderr)
-            return 1
-        show(args.show)
-        return 0
-    try:
-        spec = json.loads(args.spec)
-    except json.JSONDecodeError as error:
-        raise KtflowInputError(None, "--spec", f"invalid JSON ({error.msg})") from None
-    entries = [parse_entry(text) for text in args.entries]
-    out_dir: Path | None = (
-        args.out_dir if args.out_dir is not None or args.page is not None else Path("results/tables")
-    )
-    inputs: list[str | Path] = [path for *_, path in entries]
-    results = collect(entries, spec)
-    if out_dir is not None:
-        with recorded(out_dir / "provenance.json", "tables", spec, inputs):
-            write_tables(tables_from(results), out_dir)
-    if args.page is not None:
-        with recorded(args.page.with_name(args.page.stem + ".provenance.json"), "tables-page", spec, inputs):
-            write_text(args.page, render_page(results))
-    return 0

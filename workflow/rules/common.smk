@@ -1,5 +1,6 @@
 import json
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -12,7 +13,8 @@ from ktflow.config import (
 )
 from ktflow.errors import KtflowInputError
 from ktflow.jobenv import put_interpreter_first_on_path
-from ktflow.status import code_version
+from ktflow.code_version import code_version
+from ktflow.train import plan
 
 CONFIG_LAYERS = []
 try:
@@ -29,6 +31,8 @@ try:
         config_layers.UNBLAMED,
         schema=Path(workflow.basedir) / "workflow" / "schemas" / "config.schema.yaml",
     )
+    # Training's own cross-field rules: data, environment and preflight per task.
+    plan.check_training(config, config_layers.UNBLAMED)
 except KtflowInputError as error:
     blamed = config_layers.blamed(error, CONFIG_LAYERS) if CONFIG_LAYERS else error
     sys.exit(f"ktflow: invalid config: {blamed.format()}")
@@ -44,6 +48,8 @@ MODELS = config["experiments"]["models"]
 TASKS = config["experiments"]["tasks"]
 VARIANTS = ["base", "lora"]
 THREADS = config.get("resources", {}).get("threads", 2)
+# Each training backend runs in its own environment (envs/<name>.yaml, see train/plan.py).
+ENVS = str(Path(workflow.basedir) / "envs")
 
 
 wildcard_constraints:
@@ -54,6 +60,10 @@ wildcard_constraints:
 
 def R(path):
     return f"{RESULTS}/{path}"
+
+
+# What `snakemake --report report.html` shows beside the config and per-rule runtimes.
+REPORT_TARGETS = [R("report/tables.html"), R("plots/loss.png"), R("plots/metrics.png")]
 
 
 # Content-addressed artifacts: rules marked `cache: True` (the long steps) go through
@@ -134,7 +144,6 @@ def all_targets():
             targets.append(R(f"lora/{model}/{task}/sglang"))
         if model_config(model).get("cpu_int8", False):
             targets.append(R(f"models/{model}/int8"))
-    # Defined in report.smk; all_targets() runs after every include.
     return targets + REPORT_TARGETS
 
 

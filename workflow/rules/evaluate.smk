@@ -1,3 +1,6 @@
+# `ktflow evaluate`: BLEU-1..4 / ROUGE-1/2/L or multiple-choice accuracy per prediction file.
+
+
 rule evaluate:
     input:
         R("predictions/{model}/{task}/{variant}.jsonl"),
@@ -27,33 +30,3 @@ rule evaluate:
         "ktflow evaluate {input:q} --task {params.kind:q} -o {output.metrics:q}"
         " --per-sample {output.samples:q} {params.flavour:q}"
         " --workers {params.workers:q} > {log:q} 2>&1"
-
-
-rule tables:
-    input:
-        expand(
-            R("metrics/{model}/{task}/{variant}.json"),
-            model=MODELS,
-            task=TASKS,
-            variant=VARIANTS,
-        ),
-    output:
-        generation=R("tables/generation.csv"),
-        accuracy=R("tables/accuracy.csv"),
-    log:
-        R("logs/tables/tables.log"),
-    benchmark:
-        R("benchmarks/tables/tables.tsv")
-    conda:
-        "../../envs/ktflow.yaml"
-    resources:
-        mem_mb=scaled(1000),
-        runtime=scaled(5),
-    params:
-        code=code_version("tables"),
-        spec=tables_spec(),
-        entries=metric_entries,
-        outdir=lambda w, output: str(Path(output.generation).parent),
-    shell:
-        "ktflow tables --out-dir {params.outdir:q} --spec {params.spec:q}"
-        " {params.entries:q} > {log:q} 2>&1"

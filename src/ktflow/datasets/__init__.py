@@ -1,6 +1,6 @@
 """Raw data sets -> the pipeline's task files: adapters, raw sources and splits.
 
-``ktflow prepare-data`` (``ktflow.datasets.cli``) chains them for one task.
+``ktflow prepare-task`` (``src/ktflow/steps/prepare_task.py``) chains them for one task.
 """
 
 from ktflow.datasets.adapters import ADAPTERS, Adapted, Example, RawAdapter, adapter_for

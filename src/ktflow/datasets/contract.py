@@ -1,6 +1,6 @@
 """The dataset contract: the one check of data-set rows, used by every step that reads them.
 
-``prepare-data`` (what it writes), ``tiny-tasks`` (what it writes), ``train`` (before
+``prepare-task`` (what it writes), ``tiny-tasks`` (what it writes), ``train`` (before
 LLaMA-Factory starts) and ``infer`` (before a model loads) all call :func:`check_rows`, so a
 row one step accepts is never refused, nor silently mangled, by a later one. Rows are
 numbered from 1 everywhere (``row 1`` is the first object of a JSON list or the first
@@ -148,7 +148,7 @@ def check_rows(
 
 
 def check_task_rows(path: Path | str, rows: list[Any]) -> None:
-    """The pipeline's task files (prepare-data / tiny-tasks output, infer's test rows)."""
+    """The pipeline's task files (prepare-task / tiny-tasks output, infer's test rows)."""
     check_rows(path, rows, TASK, require_id=True)
 
 

@@ -71,7 +71,7 @@ def requests_from_alpaca(
 ) -> list[Request]:
     """Prompt = instruction + newline + input, exactly as LLaMA-Factory's alpaca converter builds it.
 
-    The rows are checked by the dataset contract first (the same check train and prepare-data use).
+    The rows are checked by the dataset contract first (the same check train and prepare-task use).
     """
     check_task_rows(path, rows)
     requests: list[Request] = []

@@ -10,7 +10,6 @@ real cast path. Dimensions are chosen so some FP8 blocks are partial (160 = 128 
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 from typing import Any
@@ -173,15 +172,3 @@ def build_release(out_dir: Path, seed: int, vocab_size: int, n_shards: int) -> N
         tokenizer.save_pretrained(tmp)
         model.generation_config.do_sample = False
         model.generation_config.save_pretrained(tmp)
-
-
-def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("out_dir", type=Path)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--vocab-size", type=int, default=1024)
-    parser.add_argument("--shards", type=int, default=4)
-
-
-def main(args: argparse.Namespace) -> int:
-    build_release(args.out_dir, args.seed, args.vocab_size, args.shards)
-    return 0

@@ -1,8 +1,8 @@
-"""What ``workflow/rules/train.smk`` asks of a config: data, environment, preflight per task.
+"""What ``workflow/rules/train.smk`` and ``doctor.smk`` ask of a config: data, environment, preflight per task.
 
 Plain functions of the (merged) config, so the rules stay declarative and these
 decisions are tested without Snakemake. Nothing here touches the network or a GPU:
-``snakemake -n`` plans KT configs on any machine; the ``preflight`` job, which runs
+``snakemake -n`` plans KT configs on any machine; the ``doctor`` job, which runs
 ``ktflow doctor`` where training will run, is what fails (fast) on the wrong host.
 """
 

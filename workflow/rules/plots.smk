@@ -1,42 +1,4 @@
-# Tables page and plots for `snakemake --report report.html` (self-contained, offline):
-# the config and per-rule runtimes are added by Snakemake itself.
-
-
-report: "../report/workflow.rst"
-
-
-REPORT_TARGETS = [R("report/tables.html"), R("plots/loss.png"), R("plots/metrics.png")]
-
-
-rule report_tables:
-    input:
-        expand(
-            R("metrics/{model}/{task}/{variant}.json"),
-            model=MODELS,
-            task=TASKS,
-            variant=VARIANTS,
-        ),
-    output:
-        report(
-            R("report/tables.html"),
-            caption="../report/tables.rst",
-            category="Tables",
-        ),
-    log:
-        R("logs/report_tables/report_tables.log"),
-    benchmark:
-        R("benchmarks/report_tables/report_tables.tsv")
-    conda:
-        "../../envs/ktflow.yaml"
-    resources:
-        mem_mb=scaled(1000),
-        runtime=scaled(5),
-    params:
-        code=code_version("tables"),
-        spec=tables_spec(),
-        entries=metric_entries,
-    shell:
-        "ktflow tables --page {output:q} --spec {params.spec:q} {params.entries:q} > {log:q} 2>&1"
+# `ktflow plots`: training-loss curves and base-vs-LoRA metric bars (PNG).
 
 
 rule plots:

@@ -1,0 +1,5 @@
+"""Placeholder until the family refactor lands."""
+
+from ktflow.cast.cli import configure, main
+
+__all__ = ["configure", "main"]

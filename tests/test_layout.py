@@ -1,0 +1,82 @@
+"""The code's shape, held as tests: one name per step from rule to module, and the import rules.
+
+A newcomer reading the Snakefile finds a step's Python in one hop: rule ``cast`` lives in
+``workflow/rules/cast.smk``, runs ``ktflow cast`` and starts in ``src/ktflow/steps/cast.py``.
+Shared packages (host probes, readers) sit below every step and import none.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib
+import re
+from pathlib import Path
+
+import pytest
+
+from ktflow.cli import COMMANDS
+from ktflow.steps import step_module
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = ROOT / "src" / "ktflow"
+RULES = ROOT / "workflow" / "rules"
+_RULE = re.compile(r"^rule (\w+):\n(.*?)(?=^\S|\Z)", re.S | re.M)
+# Commands people run by hand on a finished run; no rule runs them.
+COMMANDS_WITHOUT_RULE = {"chat", "status"}
+MAX_LINES = 420
+
+
+def rule_blocks() -> dict[str, tuple[str, str]]:
+    """rule name -> (rule file stem, the rule's text)."""
+    found: dict[str, tuple[str, str]] = {}
+    for path in sorted(RULES.glob("*.smk")):
+        for match in _RULE.finditer(path.read_text()):
+            found[match[1]] = (path.stem, match[2])
+    return found
+
+
+def test_every_rule_file_is_one_step_named_like_its_rules_command_and_module() -> None:
+    blocks = rule_blocks()
+    steps = {stem for stem, _ in blocks.values()}
+    assert steps == {command.replace("-", "_") for command in COMMANDS} - COMMANDS_WITHOUT_RULE
+    for rule, (stem, text) in blocks.items():
+        command = stem.replace("_", "-")
+        assert rule == stem or rule.startswith(f"{stem}_"), f"rule {rule} in {stem}.smk"
+        assert f'"ktflow {command} ' in text, f"rule {rule} must run `ktflow {command}`"
+        assert f'code=code_version("{command}")' in text, f"rule {rule} needs its code version"
+        assert (PACKAGE / "steps" / f"{stem}.py").is_file()
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_every_command_has_one_entry_module(command: str) -> None:
+    module = importlib.import_module(step_module(command))
+    assert callable(module.configure) and callable(module.main)
+
+
+def imports_of(path: Path) -> set[str]:
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            names.add(node.module)
+    return {name for name in names if name.startswith("ktflow.")}
+
+
+def test_no_step_imports_another_step() -> None:
+    for path in (PACKAGE / "steps").glob("*.py"):
+        assert not {n for n in imports_of(path) if n.startswith("ktflow.steps.")}, path.name
+
+
+@pytest.mark.parametrize("shared", ["host", "readers"])
+def test_shared_packages_import_no_step_and_no_family(shared: str) -> None:
+    assert (PACKAGE / shared / "__init__.py").is_file()
+    below = ("ktflow.errors", "ktflow.atomic", f"ktflow.{shared}", "ktflow.host", "ktflow.readers")
+    for path in (PACKAGE / shared).rglob("*.py"):
+        above = {name for name in imports_of(path) if not name.startswith(below)}
+        assert not above, f"{path.relative_to(PACKAGE)} imports {sorted(above)}"
+
+
+def test_no_module_is_over_the_size_limit() -> None:
+    sizes = {p.relative_to(PACKAGE): len(p.read_text().splitlines()) for p in PACKAGE.rglob("*.py")}
+    assert {path: n for path, n in sizes.items() if n > MAX_LINES} == {}
