@@ -203,7 +203,7 @@ def digests(root: Path) -> dict[str, tuple[str, tuple[int, ...], str]]:
 
 
 def build(kind: str, target: Path, gigabytes: float, shard_mb: int) -> Path:
-    from ktflow.cast.synthetic import write_fp8_release, write_int4_release
+    from support.synthetic_checkpoints import write_fp8_release, write_int4_release
 
     wanted = int(gigabytes * 1e9)
     shutil.rmtree(target, ignore_errors=True)
@@ -226,7 +226,7 @@ def build(kind: str, target: Path, gigabytes: float, shard_mb: int) -> Path:
 
 
 def real_dims(wanted: int, per_expert: int) -> Any:
-    from ktflow.cast.synthetic import Dims
+    from support.synthetic_checkpoints import Dims
 
     return Dims(
         hidden=7168,
@@ -367,6 +367,7 @@ def main() -> int:
         child(tool, Path(src), Path(dst), int(workers), mode == "durable")
         return 0
     sys.path.insert(0, str(ROOT / "src"))
+    sys.path.insert(0, str(ROOT / "tests"))  # support.synthetic_checkpoints
     if args.disk:
         from cast_disk import main_disk
 

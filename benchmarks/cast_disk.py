@@ -148,7 +148,7 @@ def finite_check_cost(src: Path, scratch: Path, rounds: int) -> dict[str, float]
     """CPU seconds (user + system) of in-process casts with and without the NaN / Inf check of the
     copied tensors, interleaved, warm input, output in ``scratch`` without fsync: the check's own cost
     (the FP8 NaN-code check reuses maxima the widening takes anyway; scales are tiny)."""
-    import ktflow.cast.formats as formats
+    import ktflow.cast.formats.base as formats
     from ktflow.cast import cast_checkpoint
 
     check = formats.count_nonfinite

@@ -7,17 +7,17 @@ import sys
 from pathlib import Path
 
 import pytest
+from support.synthetic_checkpoints import write_fp8_release
 
 import ktflow.cast.shards as shards
 from ktflow.cast import cast_checkpoint
 from ktflow.cast.shards import file_checksum
-from ktflow.cast.synthetic import write_fp8_release
 
 
 def test_cast_cli_starts_without_torch() -> None:
     """``ktflow cast`` prefetches the checkpoint before torch loads: only if its CLI module and the
     shared header reader (also ``ktflow fetch``'s) do not import torch themselves."""
-    probe = "import sys, ktflow.cast.cli, ktflow.fetch; sys.exit('torch' in sys.modules)"
+    probe = "import sys, ktflow.steps.cast, ktflow.fetch; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", probe], check=False).returncode == 0
 
 

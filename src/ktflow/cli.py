@@ -23,7 +23,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     ),
     "tiny-tasks": ("ktflow.tiny.tasks", "generate the seeded style-rewrite and multiple-choice tasks"),
     "fetch": ("ktflow.fetch", "get a model snapshot from a local directory or the Hugging Face hub"),
-    "cast": ("ktflow.cast.cli", "cast an FP8 / INT4 checkpoint to BF16 (streaming, resumable, verified)"),
+    "cast": ("ktflow.steps.cast", "cast an FP8 / INT4 checkpoint to BF16 (streaming, resumable, verified)"),
     "train": ("ktflow.train.run", "render the LLaMA-Factory YAML and run LoRA training"),
     "convert-lora": ("ktflow.adapters", "convert a LoRA adapter (HF or KT) into a PEFT dir SGLang loads"),
     "convert-int8": ("ktflow.int8", "convert BF16 routed experts to KT's CPU INT8 layout (AMX hosts)"),

@@ -3,7 +3,7 @@
 Bit-exact (float32 product, round to nearest even), streaming (memory does not grow with shard
 size), parallel across shards, resumable after a kill, and verified before it is marked complete.
 
-The public names load on first use: importing ``ktflow.cast.cli`` or ``ktflow.cast.shards`` does
+The public names load on first use: importing ``ktflow.steps.cast`` or ``ktflow.cast.shards`` does
 not import torch, so ``ktflow cast`` can start reading the checkpoint while torch loads.
 """
 

@@ -35,7 +35,7 @@ import xxhash
 from tqdm import tqdm
 
 from ktflow.atomic import atomic_file, write_json
-from ktflow.cast.formats import Workspace
+from ktflow.cast.formats.base import Workspace
 from ktflow.cast.plan import CONFIG_NAME, INDEX_NAME, Plan, ShardPlan, bf16_config, build_plan, load_json
 from ktflow.cast.shards import CAST_MARKER, Reader, ShardWriter, disk_errors, file_checksum
 from ktflow.cast.verify import VerifyReport, verify_checkpoint

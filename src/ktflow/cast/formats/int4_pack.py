@@ -1,0 +1,158 @@
+"""INT4 pack-quantized format (Kimi-K2-Thinking / K2.5): compressed-tensors, symmetric, group scales."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ktflow.cast.finite import count_nonfinite
+from ktflow.cast.formats.base import (
+    CHUNK_ELEMENTS,
+    OutTensor,
+    Sink,
+    WeightFormat,
+    Workspace,
+    as_bytes,
+    check_scale_shape,
+    checked_scale,
+    scale_beside,
+)
+from ktflow.cast.shards import Entry, Reader
+from ktflow.errors import KtflowInputError
+from ktflow.safetensors_header import TensorSlot
+
+# The only weight settings the kernel implements, by their config key.
+SUPPORTED_WEIGHTS = {"num_bits": 4, "type": "int", "symmetric": True, "strategy": "group"}
+
+
+class Int4Pack(WeightFormat):
+    """Eight 4-bit values per int32 (low nibble first), stored as q + 8; bf16 scales per group."""
+
+    name = "int4-pack"
+    quant_method = "compressed-tensors"
+    label = "int4"
+    tensor_label = "int4"
+    supported = "compressed-tensors pack-quantized int4"
+    PARTS = ("weight_packed", "weight_scale", "weight_shape")
+
+    def __init__(self, group: int) -> None:
+        self.group = group
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any], quant: Any, path: Path | str, key: str) -> Int4Pack:
+        if quant.get("format") != "pack-quantized":
+            raise KtflowInputError(
+                path, f"{key}.format", f"{quant.get('format')!r} is not supported (pack-quantized)"
+            )
+        groups = quant.get("config_groups")
+        if not isinstance(groups, Mapping) or not groups:
+            raise KtflowInputError(path, f"{key}.config_groups", "missing")
+        sizes = set()
+        for group_name, group in groups.items():
+            weights = group.get("weights") if isinstance(group, Mapping) else None
+            field = f"{key}.config_groups.{group_name}.weights"
+            if not isinstance(weights, Mapping):
+                raise KtflowInputError(path, field, "missing")
+            for name, value in SUPPORTED_WEIGHTS.items():
+                if weights.get(name) != value:
+                    raise KtflowInputError(
+                        path, f"{field}.{name}", f"{weights.get(name)!r} is not supported ({value!r})"
+                    )
+            sizes.add(weights.get("group_size"))
+        if len(sizes) != 1 or not isinstance(size := sizes.pop(), int) or size <= 0:
+            raise KtflowInputError(
+                path, f"{key}.config_groups", "need one positive group_size for all groups"
+            )
+        return cls(size)
+
+    @classmethod
+    def claims(cls, slot: TensorSlot) -> bool:
+        return slot.name.rpartition(".")[2] in (*cls.PARTS, "weight_zero_point")
+
+    def plan(self, table: Mapping[str, TensorSlot], reader: Reader) -> list[OutTensor]:
+        outs: list[OutTensor] = []
+        for name, slot in table.items():
+            module, _, part = name.rpartition(".")
+            if part == "weight_packed":
+                outs.append(self._planned(module, table, reader))
+            elif part in self.PARTS:
+                if f"{module}.weight_packed" not in table:
+                    raise KtflowInputError(
+                        slot.path, name, "quantization parameter without weight_packed beside it"
+                    )
+            elif part == "weight_zero_point":
+                raise KtflowInputError(slot.path, name, "asymmetric int4 (zero points) is not supported")
+            elif f"{module}.weight_packed" in table and part == "weight":
+                raise KtflowInputError(slot.path, name, "both weight and weight_packed present")
+            else:
+                self.refuse_foreign(slot)
+                outs.append(self.copied(slot))
+        return outs
+
+    def _planned(self, module: str, table: Mapping[str, TensorSlot], reader: Reader) -> OutTensor:
+        packed = table[f"{module}.weight_packed"]
+        shape_slot = table.get(f"{module}.weight_shape")
+        if shape_slot is None:
+            raise KtflowInputError(packed.path, packed.name, f"missing {module}.weight_shape")
+        if shape_slot.dtype not in ("I32", "I64") or shape_slot.shape != (2,):
+            raise KtflowInputError(shape_slot.path, shape_slot.name, "weight_shape must be 2 integers")
+        kind = np.int32 if shape_slot.dtype == "I32" else np.int64
+        rows, cols = (int(v) for v in np.frombuffer(reader.read(shape_slot), dtype=kind))
+        if packed.dtype != "I32" or packed.shape != (rows, math.ceil(cols / 8)):
+            raise KtflowInputError(
+                packed.path,
+                packed.name,
+                f"{packed.dtype} {list(packed.shape)} is not I32 [{rows}, {math.ceil(cols / 8)}] "
+                f"for weight_shape [{rows}, {cols}]",
+            )
+        scale = scale_beside(table, f"{module}.weight_scale", packed)
+        check_scale_shape(scale, (rows, math.ceil(cols / self.group)), packed, f"group size {self.group}")
+        return OutTensor(Entry(f"{module}.weight", "BF16", (rows, cols)), self.name, (packed, scale))
+
+    def dequantize(self, out: OutTensor, reader: Reader, work: Workspace, sink: Sink) -> None:
+        packed, scale_slot = out.inputs
+        rows, cols = out.entry.shape
+        width = packed.shape[1] * 8
+        groups = scale_slot.shape[1]
+        scale, overflow = checked_scale(reader, out, 8.0)  # |q - 8| <= 8
+        aligned = width == cols == groups * self.group
+        step = max(1, CHUNK_ELEMENTS // max(width, 1))
+        for start in range(0, rows, step):
+            count = min(step, rows - start)
+            raw = work.take("raw", count * width // 2, torch.uint8)
+            reader.readinto(packed, start * width // 2, as_bytes(raw))
+            values = self._unpack(raw, work).view(count, width)
+            result = work.take("out", count * cols, torch.bfloat16).view(count, cols)
+            local = scale[start : start + count]
+            if aligned:
+                torch.mul(
+                    values.view(count, groups, self.group),
+                    local.unsqueeze(-1),
+                    out=result.view(count, groups, self.group),
+                )
+            else:
+                torch.mul(values[:, :cols], local.repeat_interleave(self.group, dim=1)[:, :cols], out=result)
+            if overflow is not None:
+                overflow.add(count_nonfinite(result))
+            sink(as_bytes(result))
+        if overflow is not None:
+            overflow.raise_if_any()
+
+    @staticmethod
+    def _unpack(raw: torch.Tensor, work: Workspace) -> torch.Tensor:
+        """Packed bytes (low nibble first) -> float32 q - 8, exactly."""
+        pairs = work.take("pairs", raw.numel(), torch.int32)
+        high = work.take("high", raw.numel(), torch.int32)
+        # b + (b >> 4) * (2**16 - 16) puts the low nibble in the low int16 and the high nibble in
+        # the high int16 of each int32: read as int16s, the nibbles in element order.
+        pairs.copy_(raw)
+        torch.bitwise_right_shift(pairs, 4, out=high)
+        pairs.add_(high, alpha=0xFFF0)
+        halves = pairs.view(torch.int16).sub_(8)
+        values = work.take("f32", halves.numel(), torch.float32)
+        return values.copy_(halves)
