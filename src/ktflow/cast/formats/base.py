@@ -14,16 +14,25 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
-import torch
+import numpy as np
 
-from ktflow.cast.finite import BF16_MAX, FLOAT_DTYPES, Tally, count_nonfinite, nonfinite_error
+from ktflow.cast.finite import (
+    BF16_MAX,
+    FLOAT_DTYPES,
+    Tally,
+    count_nonfinite,
+    count_nonfinite_floats,
+    nonfinite_error,
+)
 from ktflow.cast.shards import Entry, Reader
 from ktflow.errors import KtflowInputError
 from ktflow.safetensors_header import TensorSlot
 
 CHUNK_ELEMENTS = 1 << 20
 COPY_CHUNK = 1 << 23
-SCALE_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+SCALE_DTYPES = ("F32", "BF16", "F16")
+# torch's float32 -> bf16 conversion gives every NaN this one pattern.
+BF16_NAN = 0x7FC0
 Sink = Callable[[memoryview], None]
 
 
@@ -41,56 +50,80 @@ class OutTensor:
 
 
 class Workspace:
-    """Grow-only per-worker buffers, so steady-state casting allocates nothing."""
+    """Grow-only per-worker buffers, so steady-state casting allocates nothing (a fresh large
+    array is a fresh mmap: page faults, i.e. system time, on every chunk)."""
 
     def __init__(self) -> None:
-        self._buffers: dict[str, torch.Tensor] = {}
+        self._buffers: dict[str, np.ndarray] = {}
 
-    def take(self, key: str, numel: int, dtype: torch.dtype) -> torch.Tensor:
-        nbytes = numel * dtype.itemsize
+    def take(self, key: str, numel: int, dtype: type[np.generic]) -> np.ndarray:
+        nbytes = numel * np.dtype(dtype).itemsize
         buffer = self._buffers.get(key)
-        if buffer is None or buffer.numel() < nbytes:
-            buffer = self._buffers[key] = torch.empty(nbytes, dtype=torch.uint8)
+        if buffer is None or buffer.size < nbytes:
+            buffer = self._buffers[key] = np.empty(nbytes, dtype=np.uint8)
         return buffer[:nbytes].view(dtype)
 
 
-def as_bytes(tensor: torch.Tensor) -> memoryview:
-    return tensor.view(torch.uint8).numpy().data
+def as_bytes(array: np.ndarray) -> memoryview:
+    return array.reshape(-1).view(np.uint8).data
 
 
-def read_tensor(reader: Reader, slot: TensorSlot, dtype: torch.dtype) -> torch.Tensor:
-    if not slot.nbytes:  # frombuffer refuses an empty buffer
-        return torch.empty(slot.shape, dtype=dtype)
-    return torch.frombuffer(reader.read(slot), dtype=dtype).view(slot.shape)
+def read_scale(reader: Reader, slot: TensorSlot) -> np.ndarray:
+    """A scale tensor as float32 (exact from BF16 / F16)."""
+    raw = np.frombuffer(reader.read(slot), dtype=np.uint8)
+    if slot.dtype == "BF16":
+        widened = raw.view(np.uint16).astype(np.uint32) << 16
+        return widened.view(np.float32).reshape(slot.shape)
+    return raw.view(np.float16 if slot.dtype == "F16" else np.float32).astype(np.float32).reshape(slot.shape)
+
+
+def round_to_bf16(values: np.ndarray, out: np.ndarray, scratch: np.ndarray) -> None:
+    """float32 ``values`` (overwritten) -> bf16 bits in ``out``: round to nearest even, the way torch
+    converts; NaN has to be handled by the caller (no kernel produces one from finite inputs)."""
+    bits = values.reshape(-1).view(np.uint32)
+    carry = scratch[: bits.size]
+    np.right_shift(bits, 16, out=carry)
+    np.bitwise_and(carry, 1, out=carry)
+    np.add(carry, 0x7FFF, out=carry)
+    np.add(bits, carry, out=bits)
+    # Little-endian: the high half of each uint32 is its second uint16.
+    np.copyto(out.reshape(-1), bits.view(np.uint16)[1::2])
 
 
 def copy_tensor(reader: Reader, slot: TensorSlot, work: Workspace, sink: Sink) -> None:
     """Copy the bytes through unchanged; float tensors must hold no NaN / Inf (no real checkpoint does)."""
-    buffer = work.take("copy", min(COPY_CHUNK, slot.nbytes), torch.uint8)
+    buffer = work.take("copy", min(COPY_CHUNK, slot.nbytes), np.uint8)
     kind = FLOAT_DTYPES.get(slot.dtype)
     tally = Tally(slot.path, slot.name, slot.numel, slot.dtype)
     for offset in range(0, slot.nbytes, COPY_CHUNK):
         count = min(COPY_CHUNK, slot.nbytes - offset)
-        piece = as_bytes(buffer[:count])
-        reader.readinto(slot, offset, piece)
+        piece = buffer[:count]
+        reader.readinto(slot, offset, as_bytes(piece))
         if kind is not None:
-            tally.add(count_nonfinite(buffer[:count].view(kind)))
-        sink(piece)
+            bits_type, exponent = kind
+            scratch = work.take("finite", count // np.dtype(bits_type).itemsize, bits_type)
+            tally.add(count_nonfinite(piece.view(bits_type), exponent, scratch))
+        sink(as_bytes(piece))
     tally.raise_if_any()
 
 
-def checked_scale(reader: Reader, out: OutTensor, largest: float) -> tuple[torch.Tensor, Tally | None]:
+def checked_scale(reader: Reader, out: OutTensor, largest: float) -> tuple[np.ndarray, Tally | None]:
     """The scale (``out.inputs[1]``) as float32, refused if any value is non-finite, and a tally for
     the outputs when a product ``largest * scale`` could round to Inf in bf16 (no real checkpoint's)."""
     slot = out.inputs[1]
-    scale = read_tensor(reader, slot, SCALE_DTYPES[slot.dtype]).to(torch.float32)
-    bad = count_nonfinite(scale)
+    scale = read_scale(reader, slot)
+    bad = count_nonfinite_floats(scale)
     if bad:
-        raise nonfinite_error(slot.path, slot.name, bad, scale.numel(), "scale")
-    if scale.numel() and float(scale.abs().max()) * largest >= BF16_MAX:
+        raise nonfinite_error(slot.path, slot.name, bad, scale.size, "scale")
+    if scale.size and float(np.abs(scale).max()) * largest >= BF16_MAX:
         numel = math.prod(out.entry.shape)
         return scale, Tally(out.inputs[0].path, out.entry.name, numel, "bf16 output (scale too large)")
     return scale, None
+
+
+def count_bf16_nonfinite(result: np.ndarray, work: Workspace) -> int:
+    """NaN / Inf among bf16 output bits (only looked at when a scale is large enough to overflow)."""
+    return count_nonfinite(result, FLOAT_DTYPES["BF16"][1], work.take("finite", result.size, np.uint16))
 
 
 def scale_beside(table: Mapping[str, TensorSlot], name: str, weight: TensorSlot) -> TensorSlot:

@@ -7,10 +7,11 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import torch
+import numpy as np
 
-from ktflow.cast.finite import Tally, count_nonfinite, fp8_nan_count
+from ktflow.cast.finite import Tally, fp8_nan_count
 from ktflow.cast.formats.base import (
+    BF16_NAN,
     CHUNK_ELEMENTS,
     OutTensor,
     Sink,
@@ -19,6 +20,8 @@ from ktflow.cast.formats.base import (
     as_bytes,
     check_scale_shape,
     checked_scale,
+    count_bf16_nonfinite,
+    round_to_bf16,
     scale_beside,
 )
 from ktflow.cast.shards import Entry, Reader
@@ -35,10 +38,6 @@ class Fp8Block(WeightFormat):
     tensor_label = "FP8"
     supported = "fp8 (block)"
     SUFFIX = "_scale_inv"
-    # float8 bits shifted into a float32 give x * 2**-120; the factor folds into the scale,
-    # exact while the scaled scale stays finite (|scale| < 2**7 leaves ample headroom).
-    BIAS = 2.0**120
-    SAFE_SCALE = 2.0**7
     LARGEST = 448.0  # largest finite float8_e4m3fn
 
     def __init__(self, block: tuple[int, int]) -> None:
@@ -95,61 +94,55 @@ class Fp8Block(WeightFormat):
         rows, cols = weight.shape
         block_rows, block_cols = self.block
         scale, overflow = checked_scale(reader, out, self.LARGEST)
-        safe = scale.numel() == 0 or bool(scale.abs().max() < self.SAFE_SCALE)
-        bias = self.BIAS if safe else 1.0
         nans = Tally(weight.path, weight.name, weight.numel, "F8_E4M3")
-        # One scale row per 128 weight rows, expanded along columns only: tiny, and broadcast
-        # over the block's rows by the multiply.
-        per_col = (scale * bias).repeat_interleave(block_cols, dim=1)[:, :cols].contiguous()
-        step = max(1, CHUNK_ELEMENTS // (block_rows * max(cols, 1))) * block_rows
-        for start in range(0, rows, step):
-            count = min(step, rows - start)
-            raw = work.take("raw", count * cols, torch.uint8)
-            reader.readinto(weight, start * cols, as_bytes(raw))
-            # The NaN codes 0x7F / 0xFF: the two maxima are taken anyway to pick the widening.
-            has_nan = int(raw.max()) == 0xFF or int(raw.view(torch.int8).max()) == 0x7F
-            if has_nan:
-                nans.add(fp8_nan_count(raw))
-            values = self._widen(raw, work, bias, has_nan)
-            result = work.take("out", count * cols, torch.bfloat16)
-            first, whole = start // block_rows, count // block_rows
-            split = whole * block_rows * cols
-            if whole:
-                torch.mul(
-                    values[:split].view(whole, block_rows, cols),
-                    per_col[first : first + whole].unsqueeze(1),
-                    out=result[:split].view(whole, block_rows, cols),
-                )
-            if split < count * cols:
-                torch.mul(
-                    values[split:].view(-1, cols), per_col[first + whole], out=result[split:].view(-1, cols)
-                )
-            if overflow is not None:
-                overflow.add(count_nonfinite(result))
-            sink(as_bytes(result))
+        # Column c of a row reads table (c // block_cols) of its block row: code + this offset.
+        offsets = (np.arange(cols, dtype=np.int32) // block_cols) << 8
+        step = min(block_rows, max(1, CHUNK_ELEMENTS // max(cols, 1)))
+        for block_row in range(scale.shape[0]):
+            tables = self._tables(scale[block_row], work)
+            first = block_row * block_rows
+            for start in range(first, min(first + block_rows, rows), step):
+                count = min(step, first + block_rows - start, rows - start)
+                raw = work.take("raw", count * cols, np.uint8).reshape(count, cols)
+                reader.readinto(weight, start * cols, as_bytes(raw))
+                # The NaN codes 0x7F / 0xFF are the largest unsigned or signed bytes: two cheap maxima.
+                if int(raw.max()) == 0xFF or int(raw.view(np.int8).max()) == 0x7F:
+                    nans.add(fp8_nan_count(raw))
+                index = work.take("index", count * cols, np.int32).reshape(count, cols)
+                np.add(raw, offsets, out=index)
+                result = work.take("out", count * cols, np.uint16)
+                np.take(tables, index.reshape(-1), out=result, mode="wrap")
+                if overflow is not None:
+                    overflow.add(count_bf16_nonfinite(result, work))
+                sink(as_bytes(result))
         nans.raise_if_any()
         if overflow is not None:
             overflow.raise_if_any()
 
     @staticmethod
-    def _widen(raw: torch.Tensor, work: Workspace, bias: float, has_nan: bool) -> torch.Tensor:
-        """float8 bytes -> float32 values times 1/bias, exactly."""
-        values = work.take("f32", raw.numel(), torch.float32)
-        # The NaN codes 0x7F / 0xFF have no float32 bit pattern in the trick below.
-        if bias == 1.0 or has_nan:
-            values.copy_(raw.view(torch.float8_e4m3fn))
-            if bias != 1.0:
-                values.mul_(1.0 / bias)
-            return values
-        # Sign-extend, then keep sign + exponent + mantissa in float32's bit positions: the
-        # e4m3 exponent bias (7) then reads as float32's (127), i.e. a factor of 2**-120, and
-        # e4m3 subnormals land on float32 subnormals with the same mantissa.
-        bits = values.view(torch.int32)
-        bits.copy_(raw.view(torch.int8))
-        bits.bitwise_left_shift_(20)
-        bits.bitwise_and_(_as_int32(0x87F00000))
-        return values
+    def _tables(scales: np.ndarray, work: Workspace) -> np.ndarray:
+        """For each block of one block row, the bf16 bits of every code times the block's scale:
+        the same float32 product and rounding as the elementwise formula, looked up per element."""
+        products = work.take("products", scales.size * 256, np.float32).reshape(scales.size, 256)
+        with np.errstate(over="ignore"):  # an Inf product is counted (overflow tally), not warned
+            np.multiply(scales[:, None], FP8_VALUES, out=products)
+        tables = work.take("tables", products.size, np.uint16)
+        round_to_bf16(products, tables, work.take("carry", products.size, np.uint32))
+        tables.reshape(scales.size, 256)[:, FP8_NAN_CODES] = BF16_NAN
+        return tables
 
 
-def _as_int32(mask: int) -> int:
-    return mask - (1 << 32) if mask >= 1 << 31 else mask
+def _fp8_values() -> np.ndarray:
+    """float8_e4m3fn code -> float32, exactly (sign, 4 exponent bits with bias 7, 3 mantissa bits)."""
+    codes = np.arange(256)
+    exponent, mantissa = (codes >> 3) & 0xF, codes & 0x7
+    magnitude = np.where(
+        exponent == 0, mantissa * 2.0**-9, (8 + mantissa) * 2.0 ** (exponent.astype(np.float64) - 10)
+    )
+    values = np.where(codes & 0x80, -magnitude, magnitude)
+    values[FP8_NAN_CODES] = np.nan
+    return values.astype(np.float32)
+
+
+FP8_NAN_CODES = [0x7F, 0xFF]
+FP8_VALUES = _fp8_values()

@@ -8,9 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
-from ktflow.cast.finite import count_nonfinite
 from ktflow.cast.formats.base import (
     CHUNK_ELEMENTS,
     OutTensor,
@@ -20,6 +18,8 @@ from ktflow.cast.formats.base import (
     as_bytes,
     check_scale_shape,
     checked_scale,
+    count_bf16_nonfinite,
+    round_to_bf16,
     scale_beside,
 )
 from ktflow.cast.shards import Entry, Reader
@@ -115,44 +115,49 @@ class Int4Pack(WeightFormat):
         return OutTensor(Entry(f"{module}.weight", "BF16", (rows, cols)), self.name, (packed, scale))
 
     def dequantize(self, out: OutTensor, reader: Reader, work: Workspace, sink: Sink) -> None:
-        packed, scale_slot = out.inputs
+        packed = out.inputs[0]
         rows, cols = out.entry.shape
         width = packed.shape[1] * 8
-        groups = scale_slot.shape[1]
         scale, overflow = checked_scale(reader, out, 8.0)  # |q - 8| <= 8
-        aligned = width == cols == groups * self.group
         step = max(1, CHUNK_ELEMENTS // max(width, 1))
         for start in range(0, rows, step):
             count = min(step, rows - start)
-            raw = work.take("raw", count * width // 2, torch.uint8)
+            raw = work.take("raw", count * width // 2, np.uint8)
             reader.readinto(packed, start * width // 2, as_bytes(raw))
-            values = self._unpack(raw, work).view(count, width)
-            result = work.take("out", count * cols, torch.bfloat16).view(count, cols)
+            # One lookup per byte gives its two values, q - 8 as int8, low nibble first.
+            pairs = work.take("pairs", raw.size, np.uint16)
+            np.take(NIBBLE_PAIRS, raw, out=pairs, mode="wrap")
+            values = pairs.view(np.int8).reshape(count, width)
+            products = work.take("f32", count * cols, np.float32)
             local = scale[start : start + count]
-            if aligned:
-                torch.mul(
-                    values.view(count, groups, self.group),
-                    local.unsqueeze(-1),
-                    out=result.view(count, groups, self.group),
-                )
-            else:
-                torch.mul(values[:, :cols], local.repeat_interleave(self.group, dim=1)[:, :cols], out=result)
+            with np.errstate(over="ignore"):  # an Inf product is counted (overflow tally), not warned
+                self._multiply(values, local, products.reshape(count, cols))
+            result = work.take("out", count * cols, np.uint16)
+            round_to_bf16(products, result, work.take("carry", count * cols, np.uint32))
             if overflow is not None:
-                overflow.add(count_nonfinite(result))
+                overflow.add(count_bf16_nonfinite(result, work))
             sink(as_bytes(result))
         if overflow is not None:
             overflow.raise_if_any()
 
-    @staticmethod
-    def _unpack(raw: torch.Tensor, work: Workspace) -> torch.Tensor:
-        """Packed bytes (low nibble first) -> float32 q - 8, exactly."""
-        pairs = work.take("pairs", raw.numel(), torch.int32)
-        high = work.take("high", raw.numel(), torch.int32)
-        # b + (b >> 4) * (2**16 - 16) puts the low nibble in the low int16 and the high nibble in
-        # the high int16 of each int32: read as int16s, the nibbles in element order.
-        pairs.copy_(raw)
-        torch.bitwise_right_shift(pairs, 4, out=high)
-        pairs.add_(high, alpha=0xFFF0)
-        halves = pairs.view(torch.int16).sub_(8)
-        values = work.take("f32", halves.numel(), torch.float32)
-        return values.copy_(halves)
+    def _multiply(self, values: np.ndarray, scale: np.ndarray, products: np.ndarray) -> None:
+        """float32(q - 8) * float32(scale of its group), one IEEE multiply per element."""
+        count, cols = products.shape
+        groups = scale.shape[1]
+        if values.shape[1] == cols == groups * self.group:
+            np.multiply(
+                values.reshape(count, groups, self.group),
+                scale[:, :, None],
+                out=products.reshape(count, groups, self.group),
+            )
+        else:
+            np.multiply(values[:, :cols], np.repeat(scale, self.group, axis=1)[:, :cols], out=products)
+
+
+def _nibble_pairs() -> np.ndarray:
+    """Byte -> its low and high nibble minus 8, as two int8 packed in a little-endian uint16."""
+    byte = np.arange(256, dtype=np.uint16)
+    return (((byte & 0xF) - 8) & 0xFF) | ((((byte >> 4) - 8) & 0xFF) << 8)
+
+
+NIBBLE_PAIRS = _nibble_pairs().astype(np.uint16)
