@@ -59,7 +59,7 @@ def main(args: argparse.Namespace) -> int:
         raise KtflowInputError(None, "arguments", "need SRC and DST (or --verify DST)")
     if args.source is not None:
         raise KtflowInputError(None, "--source", "only applies with --verify")
-    prefetch(args.src)  # torch is not imported yet: let the disk start meanwhile
+    prefetch(args.src)  # let the disk start while the cast is planned
     from ktflow.cast.run import cast_checkpoint
 
     config = {"workers": args.workers, "durable": not args.no_fsync}
