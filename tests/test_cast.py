@@ -33,6 +33,7 @@ from support.synthetic_checkpoints import (
     int4_quantization_config,
     write_fp8_release,
     write_int4_release,
+    write_int4_weight,
 )
 
 from ktflow.cast import CAST_MARKER, cast_checkpoint, detect_format, verify_checkpoint
@@ -286,14 +287,8 @@ def test_int4_kernel_any_shape(
     scale = torch.from_numpy(generator.random((rows, math.ceil(cols / group)), dtype=np.float32)).to(
         torch.bfloat16
     )
-    path = tmp_path_factory.mktemp("k") / "w.safetensors"
-    save_file(
-        {
-            "m.weight_packed": torch.from_numpy(packed),
-            "m.weight_scale": scale,
-            "m.weight_shape": torch.tensor([rows, cols], dtype=torch.int32),
-        },
-        path,
+    path = write_int4_weight(
+        tmp_path_factory.mktemp("k") / "w.safetensors", torch.from_numpy(packed), scale, cols
     )
     got = run_kernel(Int4Pack(group), path)
     assert np.array_equal(got["m.weight"], ref_int4(packed, bits(scale), (rows, cols), group))

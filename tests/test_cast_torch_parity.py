@@ -17,6 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save_file
 from support import torch_kernels
+from support.synthetic_checkpoints import write_int4_weight
 
 from ktflow.cast.formats.base import Workspace
 from ktflow.cast.formats.fp8_block import FP8_VALUES, Fp8Block
@@ -32,16 +33,16 @@ SCALES = st.sampled_from([1e-3, 0.5, 3.0, 200.0, 1e30, 1e38, 1e-40, 0.0, -2.0, 6
 def cast_bits(fmt: Fp8Block | Int4Pack, path: Path) -> tuple[np.ndarray, str | None]:
     """The bf16 bits of the one quantized tensor in ``path``, and the refusal message if any (the
     kernel streams every chunk before it refuses, so the bits are complete either way)."""
-    reader, chunks = Reader(), []
+    reader, data = Reader(), bytearray()
     (out,) = [out for out in fmt.plan(read_header(path), reader) if out.kind != "copy"]
-    error = None
     try:
-        fmt.produce(out, reader, Workspace(), lambda data: chunks.append(bytes(data)))
+        fmt.produce(out, reader, Workspace(), data.extend)
+        error = None
     except KtflowInputError as refused:
         error = refused.message
     finally:
         reader.close()
-    return np.frombuffer(b"".join(chunks), np.uint16).reshape(out.entry.shape), error
+    return np.frombuffer(bytes(data), np.uint16).reshape(out.entry.shape), error
 
 
 def assert_same_bits(got: np.ndarray, want: np.ndarray, error: str | None) -> None:
@@ -111,14 +112,8 @@ def test_int4_kernel_matches_torch(
     scales = torch.from_numpy(values.astype(np.float32)).to(SCALE_DTYPES[dtype])
     if not bool(torch.isfinite(scales).all()):  # F16 / BF16 cannot hold this scale: refused elsewhere
         return
-    path = tmp_path_factory.mktemp("int4") / "w.safetensors"
-    save_file(
-        {
-            "m.weight_packed": torch.from_numpy(packed),
-            "m.weight_scale": scales,
-            "m.weight_shape": torch.tensor([rows, cols], dtype=torch.int32),
-        },
-        path,
+    path = write_int4_weight(
+        tmp_path_factory.mktemp("int4") / "w.safetensors", torch.from_numpy(packed), scales, cols
     )
     got, error = cast_bits(Int4Pack(group), path)
     assert_same_bits(got, torch_kernels.int4_pack(packed, scales, cols, group), error)

@@ -1,7 +1,7 @@
 """The interface every checkpoint weight format implements, and the helpers formats share.
 
 Every quantized output tensor is bf16(float32(q) * float32(scale)), rounded to nearest even,
-exactly as the reference formula. The kernels work on row chunks of ~1M elements so the working
+exactly as the reference formula. The kernels work on row chunks of ~256K elements so the working
 set stays in cache and memory does not grow with tensor or shard size.
 """
 
@@ -28,7 +28,7 @@ from ktflow.cast.shards import Entry, Reader
 from ktflow.errors import KtflowInputError
 from ktflow.safetensors_header import TensorSlot
 
-CHUNK_ELEMENTS = 1 << 20
+CHUNK_ELEMENTS = 1 << 18
 COPY_CHUNK = 1 << 23
 SCALE_DTYPES = ("F32", "BF16", "F16")
 # torch's float32 -> bf16 conversion gives every NaN this one pattern.

@@ -10,20 +10,8 @@ from typing import Any
 import numpy as np
 
 from ktflow.cast.finite import Tally, fp8_nan_count
-from ktflow.cast.formats.base import (
-    BF16_NAN,
-    CHUNK_ELEMENTS,
-    OutTensor,
-    Sink,
-    WeightFormat,
-    Workspace,
-    as_bytes,
-    check_scale_shape,
-    checked_scale,
-    count_bf16_nonfinite,
-    round_to_bf16,
-    scale_beside,
-)
+from ktflow.cast.formats import base
+from ktflow.cast.formats.base import OutTensor, Sink, WeightFormat, Workspace
 from ktflow.cast.shards import Entry, Reader
 from ktflow.errors import KtflowInputError
 from ktflow.safetensors_header import DTYPE_SIZES, TensorSlot
@@ -83,28 +71,28 @@ class Fp8Block(WeightFormat):
             raise KtflowInputError(
                 weight.path, weight.name, f"FP8 weight must be 2-D, got {list(weight.shape)}"
             )
-        scale = scale_beside(table, weight.name + self.SUFFIX, weight)
+        scale = base.scale_beside(table, weight.name + self.SUFFIX, weight)
         rows, cols = weight.shape
         expected = (math.ceil(rows / self.block[0]), math.ceil(cols / self.block[1]))
-        check_scale_shape(scale, expected, weight, f"{self.block[0]}x{self.block[1]} blocks")
+        base.check_scale_shape(scale, expected, weight, f"{self.block[0]}x{self.block[1]} blocks")
         return OutTensor(Entry(weight.name, "BF16", weight.shape), self.name, (weight, scale))
 
     def dequantize(self, out: OutTensor, reader: Reader, work: Workspace, sink: Sink) -> None:
         weight = out.inputs[0]
         rows, cols = weight.shape
         block_rows, block_cols = self.block
-        scale, overflow = checked_scale(reader, out, self.LARGEST)
+        scale, overflow = base.checked_scale(reader, out, self.LARGEST)
         nans = Tally(weight.path, weight.name, weight.numel, "F8_E4M3")
         # Column c of a row reads table (c // block_cols) of its block row: code + this offset.
         offsets = (np.arange(cols, dtype=np.int32) // block_cols) << 8
-        step = min(block_rows, max(1, CHUNK_ELEMENTS // max(cols, 1)))
+        step = min(block_rows, max(1, base.CHUNK_ELEMENTS // max(cols, 1)))
         for block_row in range(scale.shape[0]):
             tables = self._tables(scale[block_row], work)
             first = block_row * block_rows
             for start in range(first, min(first + block_rows, rows), step):
                 count = min(step, first + block_rows - start, rows - start)
                 raw = work.take("raw", count * cols, np.uint8).reshape(count, cols)
-                reader.readinto(weight, start * cols, as_bytes(raw))
+                reader.readinto(weight, start * cols, base.as_bytes(raw))
                 # The NaN codes 0x7F / 0xFF are the largest unsigned or signed bytes: two cheap maxima.
                 if int(raw.max()) == 0xFF or int(raw.view(np.int8).max()) == 0x7F:
                     nans.add(fp8_nan_count(raw))
@@ -113,8 +101,8 @@ class Fp8Block(WeightFormat):
                 result = work.take("out", count * cols, np.uint16)
                 np.take(tables, index.reshape(-1), out=result, mode="wrap")
                 if overflow is not None:
-                    overflow.add(count_bf16_nonfinite(result, work))
-                sink(as_bytes(result))
+                    overflow.add(base.count_bf16_nonfinite(result, work))
+                sink(base.as_bytes(result))
         nans.raise_if_any()
         if overflow is not None:
             overflow.raise_if_any()
@@ -127,8 +115,8 @@ class Fp8Block(WeightFormat):
         with np.errstate(over="ignore"):  # an Inf product is counted (overflow tally), not warned
             np.multiply(scales[:, None], FP8_VALUES, out=products)
         tables = work.take("tables", products.size, np.uint16)
-        round_to_bf16(products, tables, work.take("carry", products.size, np.uint32))
-        tables.reshape(scales.size, 256)[:, FP8_NAN_CODES] = BF16_NAN
+        base.round_to_bf16(products, tables, work.take("carry", products.size, np.uint32))
+        tables.reshape(scales.size, 256)[:, FP8_NAN_CODES] = base.BF16_NAN
         return tables
 
 

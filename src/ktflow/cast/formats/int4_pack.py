@@ -9,19 +9,8 @@ from typing import Any
 
 import numpy as np
 
-from ktflow.cast.formats.base import (
-    CHUNK_ELEMENTS,
-    OutTensor,
-    Sink,
-    WeightFormat,
-    Workspace,
-    as_bytes,
-    check_scale_shape,
-    checked_scale,
-    count_bf16_nonfinite,
-    round_to_bf16,
-    scale_beside,
-)
+from ktflow.cast.formats import base
+from ktflow.cast.formats.base import OutTensor, Sink, WeightFormat, Workspace
 from ktflow.cast.shards import Entry, Reader
 from ktflow.errors import KtflowInputError
 from ktflow.safetensors_header import TensorSlot
@@ -110,38 +99,40 @@ class Int4Pack(WeightFormat):
                 f"{packed.dtype} {list(packed.shape)} is not I32 [{rows}, {math.ceil(cols / 8)}] "
                 f"for weight_shape [{rows}, {cols}]",
             )
-        scale = scale_beside(table, f"{module}.weight_scale", packed)
-        check_scale_shape(scale, (rows, math.ceil(cols / self.group)), packed, f"group size {self.group}")
+        scale = base.scale_beside(table, f"{module}.weight_scale", packed)
+        base.check_scale_shape(
+            scale, (rows, math.ceil(cols / self.group)), packed, f"group size {self.group}"
+        )
         return OutTensor(Entry(f"{module}.weight", "BF16", (rows, cols)), self.name, (packed, scale))
 
     def dequantize(self, out: OutTensor, reader: Reader, work: Workspace, sink: Sink) -> None:
         packed = out.inputs[0]
         rows, cols = out.entry.shape
         width = packed.shape[1] * 8
-        scale, overflow = checked_scale(reader, out, 8.0)  # |q - 8| <= 8
-        step = max(1, CHUNK_ELEMENTS // max(width, 1))
+        scale, overflow = base.checked_scale(reader, out, 8.0)  # |q - 8| <= 8
+        step = max(1, base.CHUNK_ELEMENTS // max(width, 1))
         for start in range(0, rows, step):
             count = min(step, rows - start)
             raw = work.take("raw", count * width // 2, np.uint8)
-            reader.readinto(packed, start * width // 2, as_bytes(raw))
-            # One lookup per byte gives its two values, q - 8 as int8, low nibble first.
-            pairs = work.take("pairs", raw.size, np.uint16)
+            reader.readinto(packed, start * width // 2, base.as_bytes(raw))
+            # One lookup per byte gives its two values, q - 8 as float32, low nibble first.
+            pairs = work.take("pairs", raw.size, np.uint64)
             np.take(NIBBLE_PAIRS, raw, out=pairs, mode="wrap")
-            values = pairs.view(np.int8).reshape(count, width)
+            values = pairs.view(np.float32).reshape(count, width)
             products = work.take("f32", count * cols, np.float32)
             local = scale[start : start + count]
             with np.errstate(over="ignore"):  # an Inf product is counted (overflow tally), not warned
                 self._multiply(values, local, products.reshape(count, cols))
             result = work.take("out", count * cols, np.uint16)
-            round_to_bf16(products, result, work.take("carry", count * cols, np.uint32))
+            base.round_to_bf16(products, result, work.take("carry", count * cols, np.uint32))
             if overflow is not None:
-                overflow.add(count_bf16_nonfinite(result, work))
-            sink(as_bytes(result))
+                overflow.add(base.count_bf16_nonfinite(result, work))
+            sink(base.as_bytes(result))
         if overflow is not None:
             overflow.raise_if_any()
 
     def _multiply(self, values: np.ndarray, scale: np.ndarray, products: np.ndarray) -> None:
-        """float32(q - 8) * float32(scale of its group), one IEEE multiply per element."""
+        """float32(q - 8) * float32(scale of its group), one IEEE multiply per element, as torch did."""
         count, cols = products.shape
         groups = scale.shape[1]
         if values.shape[1] == cols == groups * self.group:
@@ -155,9 +146,10 @@ class Int4Pack(WeightFormat):
 
 
 def _nibble_pairs() -> np.ndarray:
-    """Byte -> its low and high nibble minus 8, as two int8 packed in a little-endian uint16."""
-    byte = np.arange(256, dtype=np.uint16)
-    return (((byte & 0xF) - 8) & 0xFF) | ((((byte >> 4) - 8) & 0xFF) << 8)
+    """Byte -> its low and high nibble minus 8, as two float32 in one uint64 (exact: |q - 8| <= 8)."""
+    byte = np.arange(256)
+    values = np.stack([(byte & 0xF) - 8, (byte >> 4) - 8], axis=1).astype(np.float32)
+    return values.view(np.uint64).reshape(256)
 
 
-NIBBLE_PAIRS = _nibble_pairs().astype(np.uint16)
+NIBBLE_PAIRS = _nibble_pairs()
