@@ -28,11 +28,20 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors import safe_open
 from safetensors.torch import save_file
+from support.synthetic_checkpoints import (
+    Dims,
+    int4_quantization_config,
+    write_fp8_release,
+    write_int4_release,
+    write_int4_weight,
+)
 
 from ktflow.cast import CAST_MARKER, cast_checkpoint, detect_format, verify_checkpoint
-from ktflow.cast.formats import Fp8Block, Int4Pack, Workspace
+from ktflow.cast.formats import FORMATS, UNQUANTIZED
+from ktflow.cast.formats.base import Workspace
+from ktflow.cast.formats.fp8_block import Fp8Block
+from ktflow.cast.formats.int4_pack import Int4Pack
 from ktflow.cast.shards import Reader, file_checksum
-from ktflow.cast.synthetic import Dims, int4_quantization_config, write_fp8_release, write_int4_release
 from ktflow.errors import KtflowInputError
 from ktflow.safetensors_header import read_header
 
@@ -162,6 +171,16 @@ def test_detect_format_rejects(config: dict[str, Any], field: str) -> None:
     assert error.value.field == field
 
 
+def test_formats_registry_is_keyed_by_quant_method() -> None:
+    """The registry the driver looks up holds each quantized format under its own quant_method."""
+    assert set(FORMATS) == {"fp8", "compressed-tensors"}
+    assert all(fmt.quant_method == method for method, fmt in FORMATS.items())
+    assert UNQUANTIZED.quant_method is None
+    assert {fmt.name for fmt in (*FORMATS.values(), UNQUANTIZED)} == {"fp8-block", "int4-pack", "bf16"}
+    with pytest.raises(KtflowInputError, match="supported are fp8 \\(block\\) and compressed-tensors pack"):
+        detect_format({"quantization_config": {"quant_method": "awq"}})
+
+
 def test_detect_format_rejects_asymmetric_int4() -> None:
     config = int4_quantization_config()
     config["config_groups"]["group_0"]["weights"]["symmetric"] = False
@@ -268,14 +287,8 @@ def test_int4_kernel_any_shape(
     scale = torch.from_numpy(generator.random((rows, math.ceil(cols / group)), dtype=np.float32)).to(
         torch.bfloat16
     )
-    path = tmp_path_factory.mktemp("k") / "w.safetensors"
-    save_file(
-        {
-            "m.weight_packed": torch.from_numpy(packed),
-            "m.weight_scale": scale,
-            "m.weight_shape": torch.tensor([rows, cols], dtype=torch.int32),
-        },
-        path,
+    path = write_int4_weight(
+        tmp_path_factory.mktemp("k") / "w.safetensors", torch.from_numpy(packed), scale, cols
     )
     got = run_kernel(Int4Pack(group), path)
     assert np.array_equal(got["m.weight"], ref_int4(packed, bits(scale), (rows, cols), group))

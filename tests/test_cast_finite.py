@@ -18,11 +18,12 @@ import torch
 from conftest import alias_tensor, rewrite_layout
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+from support.synthetic_checkpoints import write_fp8_release, write_int4_release
 
 from ktflow.cast import CAST_MARKER, cast_checkpoint, verify_checkpoint
-from ktflow.cast.formats import Fp8Block, Workspace
+from ktflow.cast.formats.base import Workspace
+from ktflow.cast.formats.fp8_block import Fp8Block
 from ktflow.cast.shards import Reader
-from ktflow.cast.synthetic import write_fp8_release, write_int4_release
 from ktflow.errors import KtflowInputError
 from ktflow.safetensors_header import read_header
 

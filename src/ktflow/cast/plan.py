@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from ktflow.cast.detect import make_format
-from ktflow.cast.formats import OutTensor, WeightFormat
+from ktflow.cast.formats.base import OutTensor, WeightFormat
 from ktflow.cast.shards import Reader, shard_size
 from ktflow.errors import KtflowInputError
 from ktflow.safetensors_header import TensorSlot, read_header

@@ -30,12 +30,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-import torch
 import xxhash
 from tqdm import tqdm
 
 from ktflow.atomic import atomic_file, write_json
-from ktflow.cast.formats import Workspace
+from ktflow.cast.formats.base import Workspace
 from ktflow.cast.plan import CONFIG_NAME, INDEX_NAME, Plan, ShardPlan, bf16_config, build_plan, load_json
 from ktflow.cast.shards import CAST_MARKER, Reader, ShardWriter, disk_errors, file_checksum
 from ktflow.cast.verify import VerifyReport, verify_checkpoint
@@ -251,13 +250,8 @@ def _cast_shards(plan: Plan, state: _State, todo: list[ShardPlan], workers: int,
                 local.reader, local.work = Reader(), Workspace()
             _write_shard(plan, shard, state, local.reader, local.work, advance)
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # one core per worker: --workers N means N cores, and scaling is honest
-    try:
-        with bar:
-            _parallel(workers, sorted(todo, key=lambda s: -s.size), job, None, False, stop)
-    finally:
-        torch.set_num_threads(threads)
+    with bar:  # the numpy kernels use one core each: --workers N means N cores
+        _parallel(workers, sorted(todo, key=lambda s: -s.size), job, None, False, stop)
     return total
 
 
@@ -309,7 +303,7 @@ def _parallel(
     progress: bool,
     stop: threading.Event | None = None,
 ) -> list[T]:
-    """Run ``job`` over shards on threads (torch kernels and file I/O release the GIL).
+    """Run ``job`` over shards on threads (numpy kernels and file I/O release the GIL).
 
     The first error stops the other workers at their next chunk and is raised once all are done.
     """
@@ -317,7 +311,7 @@ def _parallel(
     results: dict[int, T] = {}
     errors: list[Exception] = []
     bar = tqdm(total=len(items), desc=desc, file=sys.stderr, disable=not (progress and desc))
-    with bar, ThreadPoolExecutor(workers, initializer=_init_worker) as pool:
+    with bar, ThreadPoolExecutor(workers) as pool:
         futures: dict[Future[T], int] = {pool.submit(job, item): i for i, item in enumerate(items)}
         try:
             for future in as_completed(futures):
@@ -335,11 +329,6 @@ def _parallel(
     if errors:
         raise errors[0]
     return [results[i] for i in range(len(items))]
-
-
-def _init_worker() -> None:
-    # Subnormal float8 values become subnormal float32s in the bit-trick widening: keep them.
-    torch.set_flush_denormal(False)
 
 
 def _fsync_dir(path: Path) -> None:

@@ -27,10 +27,12 @@ from ktflow.safetensors_header import DTYPE_SIZES, TensorSlot
 
 METADATA = {"format": "pt"}  # transformers refuses shards whose metadata lacks format=pt
 CAST_MARKER = "cast_complete.json"  # written last into DST: the only sign that it is complete
-# Read ahead while the CLI imports torch (~2 s): about what a disk delivers meanwhile.
+# Read ahead from the first moment: the first shards are then in memory when the workers get to them.
 PREFETCH_BYTES = 1 << 30
 # A durable writer hands each finished window to the disk at once (see ShardWriter.write).
 WRITEBACK_WINDOW = 32 << 20
+# How far a reader asks the disk to read ahead of where it reads (see Reader.readinto).
+READAHEAD_WINDOW = 64 << 20
 
 
 class Reader:
@@ -38,6 +40,7 @@ class Reader:
 
     def __init__(self) -> None:
         self._handles: dict[Path, Any] = {}
+        self._advised: dict[Path, int] = {}
 
     def readinto(self, slot: TensorSlot, offset: int, out: memoryview) -> None:
         handle = self._handles.get(slot.path)
@@ -45,6 +48,7 @@ class Reader:
             handle = self._handles[slot.path] = open(slot.path, "rb", buffering=0)  # noqa: SIM115
         if offset < 0 or offset + len(out) > slot.nbytes:
             raise ValueError(f"read past {slot.name}")
+        self._read_ahead(slot.path, handle.fileno(), slot.start + offset + len(out))
         handle.seek(slot.start + offset)
         got = 0
         while got < len(out):
@@ -52,6 +56,18 @@ class Reader:
             if not step:
                 raise KtflowInputError(slot.path, slot.name, "shard shrank while being read")
             got += step
+
+    def _read_ahead(self, path: Path, handle: int, end: int) -> None:
+        """Keep the disk reading the next window while this worker computes: the kernel's own
+        read-ahead is a few hundred KB, so a single worker would otherwise wait for the disk on
+        every chunk, then compute while the disk idles."""
+        advised = self._advised.get(path, 0)
+        if end + READAHEAD_WINDOW // 2 <= advised:
+            return
+        start = max(advised, end)
+        with contextlib.suppress(OSError):  # advice only
+            os.posix_fadvise(handle, start, end + READAHEAD_WINDOW - start, os.POSIX_FADV_WILLNEED)
+        self._advised[path] = end + READAHEAD_WINDOW
 
     def read(self, slot: TensorSlot) -> bytearray:
         data = bytearray(slot.nbytes)
@@ -62,6 +78,7 @@ class Reader:
         for handle in self._handles.values():
             handle.close()
         self._handles.clear()
+        self._advised.clear()
 
 
 @dataclass(frozen=True, slots=True)
@@ -205,7 +222,7 @@ def file_checksum(path: Path, chunk: int = 1 << 24) -> str:
 
 def prefetch(src: Path, budget: int = PREFETCH_BYTES) -> None:
     """Have the kernel start reading the largest shards (workers take the largest first), up to
-    ``budget`` bytes, on a daemon thread: the disk then works while the CLI is still importing torch."""
+    ``budget`` bytes, on a daemon thread: the disk then works while the CLI still plans the cast."""
 
     def advise() -> None:
         left = budget

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
+import numpy as np
 
 from ktflow.cast.detect import quantization_config
 from ktflow.cast.finite import FLOAT_DTYPES, count_nonfinite, nonfinite_message
@@ -93,17 +93,18 @@ def verify_checkpoint(dst: Path, src: Path | None = None, values: bool = False) 
 
 def _check_finite(found: dict[str, TensorSlot], report: VerifyReport, chunk: int = 1 << 23) -> None:
     reader = Reader()
-    buffer = torch.empty(chunk, dtype=torch.uint8)
+    buffer, scratch = np.empty(chunk, dtype=np.uint8), np.empty(chunk, dtype=np.uint8)
     try:
         for name, slot in sorted(found.items(), key=lambda item: (item[1].path, item[1].start)):
             kind = FLOAT_DTYPES.get(slot.dtype)
             if kind is None:
                 continue
+            bits_type, exponent = kind
             bad = 0
             for offset in range(0, slot.nbytes, chunk):
                 piece = buffer[: min(chunk, slot.nbytes - offset)]
-                reader.readinto(slot, offset, piece.numpy().data)
-                bad += count_nonfinite(piece.view(kind))
+                reader.readinto(slot, offset, piece.data)
+                bad += count_nonfinite(piece.view(bits_type), exponent, scratch.view(bits_type))
             if bad:
                 report.add(slot.path, name, nonfinite_message(bad, slot.numel, slot.dtype))
     finally:

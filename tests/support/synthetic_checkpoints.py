@@ -299,3 +299,10 @@ def scaled(dims: Dims, target_bytes: int) -> Dims:
 
 def describe(dims: Dims) -> dict[str, Any]:
     return asdict(dims)
+
+
+def write_int4_weight(path: Path, packed: torch.Tensor, scale: torch.Tensor, cols: int) -> Path:
+    """One pack-quantized weight ``m`` (its packed words, scales and shape) alone in a shard."""
+    shape = torch.tensor([packed.shape[0], cols], dtype=torch.int32)
+    save_file({"m.weight_packed": packed, "m.weight_scale": scale, "m.weight_shape": shape}, path)
+    return path

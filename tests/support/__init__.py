@@ -1,0 +1,1 @@
+"""Test-only helpers: synthetic checkpoints and reference kernels."""
