@@ -86,10 +86,27 @@ def run_ct(src: Path, dst: Path, workers: int, durable: bool) -> None:
         converter = CompressedTensorsDequantizer(src)
     convert_checkpoint(src, dst, converter=converter, max_workers=workers)
     if durable:  # it never fsyncs: time it, like the others, until its output is on disk
-        for path in dst.rglob("*"):
-            if path.is_file():
-                with open(path, "rb") as handle:
-                    os.fsync(handle.fileno())
+        fsync_tree(dst)
+
+
+def fsync_tree(root: Path) -> None:
+    for path in root.rglob("*"):
+        if path.is_file():
+            with open(path, "rb") as handle:
+                os.fsync(handle.fileno())
+
+
+def run_deepseek_gpu(src: Path, dst: Path, workers: int, durable: bool) -> None:
+    """DeepSeek-V3's own ``inference/fp8_cast_bf16.py`` (Triton kernel on the GPU), from the
+    checkout in $KTFLOW_BENCH_REFERENCE: FP8 only; like CT it never fsyncs, so it is fsynced here."""
+    import runpy
+
+    folder = os.environ["KTFLOW_BENCH_REFERENCE"]
+    sys.path.insert(0, folder)  # its `from kernel import weight_dequant`
+    sys.argv = ["fp8_cast_bf16.py", "--input-fp8-hf-path", str(src), "--output-bf16-hf-path", str(dst)]
+    runpy.run_path(str(Path(folder) / "fp8_cast_bf16.py"), run_name="__main__")
+    if durable:
+        fsync_tree(dst)
 
 
 def run_floor(src: Path, dst: Path, workers: int, durable: bool) -> None:
@@ -122,7 +139,12 @@ def run_floor(src: Path, dst: Path, workers: int, durable: bool) -> None:
         list(pool.map(one, sorted(sizes, key=lambda n: -sizes[n])))
 
 
-RUNNERS = {"ktflow": run_ktflow, "compressed-tensors": run_ct, "io-floor": run_floor}
+RUNNERS = {
+    "ktflow": run_ktflow,
+    "compressed-tensors": run_ct,
+    "deepseek-gpu": run_deepseek_gpu,
+    "io-floor": run_floor,
+}
 
 
 def child(tool: str, src: Path, dst: Path, workers: int, durable: bool) -> None:
@@ -356,6 +378,12 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=5, help="with --disk: interleaved rounds (default 5)")
     parser.add_argument(
         "--warm-cache", action="store_true", help="with --disk: do not drop the page cache between runs"
+    )
+    parser.add_argument(
+        "--reference-dir",
+        type=Path,
+        help="with --disk: a DeepSeek-V3 checkout's inference/ folder; adds its fp8_cast_bf16.py "
+        "(GPU, Triton) to the FP8 runs",
     )
     parser.add_argument(
         "--child", nargs=5, metavar=("TOOL", "SRC", "DST", "WORKERS", "MODE"), help=argparse.SUPPRESS

@@ -28,8 +28,19 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-KTFLOW = str(Path(sys.executable).with_name("ktflow"))
-WARM = "import torch, safetensors, xxhash, ktflow.cast, ktflow.cli, compressed_tensors.entrypoints.convert"
+_SCRIPT = Path(sys.executable).with_name("ktflow")
+# `ktflow` as installed; `python -m ktflow` where the package is only on PYTHONPATH (the GPU host).
+KTFLOW = [str(_SCRIPT)] if _SCRIPT.is_file() else [sys.executable, "-m", "ktflow"]
+# Libraries read back into the page cache before each run; those a host lacks are skipped.
+WARM = (
+    "import importlib\n"
+    "for name in ('torch', 'safetensors', 'xxhash', 'ktflow.cast', 'ktflow.cli', "
+    "'compressed_tensors.entrypoints.convert', 'triton'):\n"
+    "    try: importlib.import_module(name)\n"
+    "    except ImportError: pass\n"
+)
+# Tools whose output ktflow's must equal, tensor for tensor (the first one that ran).
+REFERENCES = ("compressed-tensors", "deepseek-gpu")
 # The 671B FP8 release (DeepSeek-V3 / Kimi-K2-Instruct): 163 shards.
 FULL_IN_GB, FULL_OUT_GB = 690.0, 1300.0
 
@@ -59,14 +70,19 @@ def cold_cache(drop: bool) -> bool:
     return dropped
 
 
-def commands(src: Path, dst: Path) -> dict[str, list[str]]:
+def commands(kind: str, src: Path, dst: Path, args: Any) -> dict[str, list[str]]:
     child = [sys.executable, str(ROOT / "benchmarks" / "cast.py"), "--child"]
-    return {
-        "compressed-tensors": [*child, "compressed-tensors", str(src), str(dst), "1", "durable"],
-        "ktflow-1": [KTFLOW, "cast", str(src), str(dst), "--no-progress", "--workers", "1"],
-        "ktflow-2": [KTFLOW, "cast", str(src), str(dst), "--no-progress", "--workers", "2"],
-        "io-floor": [*child, "io-floor", str(src), str(dst), "2", "durable"],
-    }
+    tools: dict[str, list[str]] = {}
+    if not args.skip_ct:
+        tools["compressed-tensors"] = [*child, "compressed-tensors", str(src), str(dst), "1", "durable"]
+    if args.reference_dir is not None and kind == "fp8":
+        tools["deepseek-gpu"] = [*child, "deepseek-gpu", str(src), str(dst), "1", "durable"]
+    for workers in args.workers:
+        cast = [*KTFLOW, "cast", str(src), str(dst), "--no-progress"]
+        tools[f"ktflow-{workers}"] = [*cast, "--workers", str(workers)]
+    threads = str(max(2, *args.workers))
+    tools["io-floor"] = [*child, "io-floor", str(src), str(dst), threads, "durable"]
+    return tools
 
 
 def run_once(command: list[str], dst: Path, env: dict[str, str], drop: bool) -> dict[str, Any]:
@@ -101,24 +117,31 @@ def planned_sizes(src: Path) -> dict[str, int]:
     return {shard.name: shard.size for shard in build_plan(src).shards}
 
 
-def bench_disk(kind: str, src: Path, out: Path, rounds: int, drop: bool) -> list[dict[str, Any]]:
+def bench_disk(kind: str, src: Path, out: Path, args: Any) -> list[dict[str, Any]]:
     from cast import digests  # benchmarks/cast.py, on sys.path as the running script's folder
 
     sizes = planned_sizes(src)
     env = dict(os.environ, PYTHONPATH=str(ROOT / "src"), KTFLOW_BENCH_SIZES=json.dumps(sizes))
+    if args.reference_dir is not None:
+        env["KTFLOW_BENCH_REFERENCE"] = str(args.reference_dir.resolve())
     runs: dict[str, list[dict[str, Any]]] = {}
+    found: dict[str, dict[str, Any]] = {}
     dst = out / f"{kind}-dst"
-    for round_ in range(rounds):
-        for tool, command in commands(src, dst).items():
-            runs.setdefault(tool, []).append(run_once(command, dst, env, drop))
-            if round_ == 0 and tool in ("compressed-tensors", "ktflow-2"):
-                runs.setdefault("digests", []).append({"tool": tool, "digests": digests(dst)})
+    tools = commands(kind, src, dst, args)
+    compared = [tool for tool in tools if tool in REFERENCES] + [f"ktflow-{max(args.workers)}"]
+    for round_ in range(args.rounds):
+        for tool, command in tools.items():
+            runs.setdefault(tool, []).append(run_once(command, dst, env, not args.warm_cache))
+            if round_ == 0 and tool in compared:
+                found[tool] = digests(dst)
             print(f"{kind} round {round_ + 1} {tool}: {runs[tool][-1]['seconds']:.2f} s", flush=True)
     shutil.rmtree(dst, ignore_errors=True)
-    theirs, ours = (entry["digests"] for entry in runs.pop("digests"))
-    differ = sorted(n for n in theirs.keys() | ours.keys() if theirs.get(n) != ours.get(n))
-    verdict = "bit-identical" if not differ else f"{len(differ)} DIFFER, e.g. {differ[:3]}"
-    print(f"{kind}: ktflow vs compressed-tensors outputs: {len(ours)} tensors, {verdict}", flush=True)
+    ours = found[compared[-1]]
+    for reference in compared[:-1]:
+        theirs = found[reference]
+        differ = sorted(n for n in theirs.keys() | ours.keys() if theirs.get(n) != ours.get(n))
+        verdict = "bit-identical" if not differ else f"{len(differ)} DIFFER, e.g. {differ[:3]}"
+        print(f"{kind}: ktflow vs {reference} outputs: {len(ours)} tensors, {verdict}", flush=True)
     in_bytes = sum(p.stat().st_size for p in src.glob("*.safetensors"))
     return [summary(kind, tool, found, in_bytes, sum(sizes.values())) for tool, found in runs.items()]
 
@@ -175,7 +198,8 @@ def disk_table(rows: list[dict[str, Any]]) -> str:
     ]
     for row in rows:
         same = {r["tool"]: r for r in rows if r["kind"] == row["kind"]}
-        floor, ct = same["io-floor"]["median"], same["compressed-tensors"]["median"]
+        floor = same["io-floor"]["median"]
+        ct = same["compressed-tensors"]["median"] if "compressed-tensors" in same else float("nan")
         per_gb = row["median"] / (row["in_bytes"] / 1e9)
         lines.append(
             f"{row['kind']:6} {row['tool']:18} {row['median']:>8.2f} "
@@ -195,7 +219,7 @@ def main_disk(args: Any, kinds: Iterable[tuple[str, Path]]) -> int:
         raise SystemExit("--disk measures a real disk: pick an --out on one (not tmpfs)")
     rows: list[dict[str, Any]] = []
     for kind, src in kinds:
-        rows += bench_disk(kind, src, args.out, args.rounds, not args.warm_cache)
+        rows += bench_disk(kind, src, args.out, args)
         cost = finite_check_cost(src, args.out / f"{kind}-finite", args.rounds)
         print(f"{kind}: NaN / Inf check, median CPU s of the cast: {cost}", flush=True)
     state = "dropped before every run" if all(r["cold"] for r in rows) else "NOT dropped (warm)"
