@@ -13,17 +13,20 @@ from typing import Any
 import pytest
 import yaml
 from conftest import run_ktflow
+from support.upstream import SourceSet, frozenset_literal, read_members, train_keys
 
-from ktflow.doctor import PACKAGES, check_backend, collect_host
 from ktflow.errors import KtflowInputError
+from ktflow.host.packages import PACKAGES
+from ktflow.host.python_env import EnvReport, inspect_env, resolve_python
+from ktflow.host.report import collect_host
 from ktflow.train.backends import backend_for
+from ktflow.train.backends.kt import CONFIG_KEYS, accelerate_config, resolve_generation
 from ktflow.train.datasets import check_rows, dataset_entry, load_rows
-from ktflow.train.env import EnvReport, inspect_env, python_for, resolve_python
-from ktflow.train.kt import CONFIG_KEYS, accelerate_config, resolve_generation
+from ktflow.train.interpreter import python_for
 from ktflow.train.launch import gpu_peak_record
-from ktflow.train.run import gpu_metrics
+from ktflow.train.preflight import check_backend
 from ktflow.train.spec import TrainSpec
-from ktflow.train.upstream import SourceSet, frozenset_literal, read_members, train_keys
+from ktflow.train.train_metrics import gpu_metrics
 
 SPEC = {
     "stage": "sft",

@@ -24,7 +24,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "tiny-tasks": ("ktflow.tiny.tasks", "generate the seeded style-rewrite and multiple-choice tasks"),
     "fetch": ("ktflow.fetch", "get a model snapshot from a local directory or the Hugging Face hub"),
     "cast": ("ktflow.cast.cli", "cast an FP8 / INT4 checkpoint to BF16 (streaming, resumable, verified)"),
-    "train": ("ktflow.train.run", "render the LLaMA-Factory YAML and run LoRA training"),
+    "train": ("ktflow.steps.train", "render the LLaMA-Factory YAML and run LoRA training"),
     "convert-lora": ("ktflow.adapters", "convert a LoRA adapter (HF or KT) into a PEFT dir SGLang loads"),
     "convert-int8": ("ktflow.int8", "convert BF16 routed experts to KT's CPU INT8 layout (AMX hosts)"),
     "infer": ("ktflow.infer.cli", "batch inference for the base model or base + adapter"),
@@ -33,7 +33,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "prepare-data": ("ktflow.datasets.cli", "raw data set (AfriMed-QA, NekoQA, ...) -> task files"),
     "tables": ("ktflow.tables", "collect metrics into tables in the paper's layout"),
     "plots": ("ktflow.plots", "training-loss curves and base-vs-LoRA metric bars (PNG)"),
-    "doctor": ("ktflow.doctor", "preflight: CPU flags, GPUs, versions and memory estimates"),
+    "doctor": ("ktflow.steps.doctor", "preflight: CPU flags, GPUs, versions and memory estimates"),
     "status": (
         "ktflow.status",
         "which steps are up to date for the current config, which would rerun, and why",
