@@ -14,11 +14,11 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from ktflow.cpuinfo import AMX_FLAGS, AVX512_FLAGS, cpu_flags, has_amx, has_avx512, missing_flags
 from safetensors.torch import load_file, save_file
 
 import ktflow
 from ktflow import cli
+from ktflow.cpuinfo import AMX_FLAGS, AVX512_FLAGS, cpu_flags, has_amx, has_avx512, missing_flags
 from ktflow.errors import HardwareError, KtflowInputError
 from ktflow.int8 import RECORD_NAME, check_hardware, convert_int8, expected_keys
 
