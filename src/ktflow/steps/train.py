@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
-from typing import Any
 
-from ktflow.errors import KtflowInputError
 from ktflow.train.datasets import HUB_PREFIX
-from ktflow.train.spec import TrainSpec
+from ktflow.train.spec import TrainSpec, training_block
 from ktflow.train.training import train
 
 
@@ -28,18 +25,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--render-only", action="store_true", help="write the YAMLs, then stop")
 
 
-def _training_block(text: str) -> dict[str, Any]:
-    try:
-        training = json.loads(text)
-    except json.JSONDecodeError as error:
-        raise KtflowInputError("--spec", None, f"invalid JSON ({error.msg})") from error
-    if not isinstance(training, dict):
-        raise KtflowInputError("--spec", None, "expected a JSON object (the training block)")
-    return training
-
-
 def main(args: argparse.Namespace) -> int:
-    training = _training_block(args.spec)
+    training = training_block(args.spec, "--spec")
     spec = TrainSpec.from_config(
         training,
         model_dir=args.model_dir.resolve(),

@@ -15,7 +15,6 @@ work stops first, saying what to fix.
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -38,6 +37,7 @@ from ktflow.train.backends import BACKENDS, backend_for
 from ktflow.train.backends.base import Problem
 from ktflow.train.interpreter import python_for
 from ktflow.train.preflight import check_backend, verdict
+from ktflow.train.spec import training_block
 
 
 def _yes(flag: bool) -> str:
@@ -84,18 +84,6 @@ def load_workflow_config(path: Path) -> dict[str, Any]:
     return data
 
 
-def training_block(config: dict[str, Any], training_json: str | None) -> dict[str, Any]:
-    if training_json is None:
-        return dict(config.get("training") or {})
-    try:
-        training = json.loads(training_json)
-    except json.JSONDecodeError as error:
-        raise KtflowInputError("--training", None, f"invalid JSON ({error.msg})") from None
-    if not isinstance(training, dict):
-        raise KtflowInputError("--training", None, "expected a JSON object")
-    return training
-
-
 def doctor(
     config_path: Path | None,
     training_json: str | None,
@@ -113,7 +101,11 @@ def doctor(
     ``training_json`` (the training block as the pipeline passes it) wins over the config's.
     """
     config = load_workflow_config(config_path) if config_path else {}
-    training = training_block(config, training_json)
+    training = (
+        dict(config.get("training") or {})
+        if training_json is None
+        else training_block(training_json, "--training")
+    )
     requested = backend or training.get("backend")
     if requested not in (None, *BACKENDS):
         raise KtflowInputError(config_path, "training.backend", f"unknown backend {requested!r}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -10,6 +11,17 @@ from typing import Any
 from ktflow.errors import KtflowInputError
 from ktflow.train.backends import BACKENDS
 from ktflow.train.stages import STAGE_FORMATS, default_format
+
+
+def training_block(text: str, flag: str) -> dict[str, Any]:
+    """The ``training`` block given as JSON on the command line (``flag`` names the option)."""
+    try:
+        training = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise KtflowInputError(flag, None, f"invalid JSON ({error.msg})") from None
+    if not isinstance(training, dict):
+        raise KtflowInputError(flag, None, "expected a JSON object (the training block)")
+    return training
 
 
 def _one_file_key(source: dict[str, Any]) -> dict[str, Any]:
