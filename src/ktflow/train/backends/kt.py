@@ -158,6 +158,9 @@ class KTBackend(TrainingBackend):
     def checked_as(self, kt: dict[str, Any], packages: dict[str, str | None]) -> str:
         return self._generation_of(self.name, kt, packages).name
 
+    def label(self, spec: TrainSpec, env: EnvReport) -> str:
+        return self.for_env(spec, env).name
+
     def env_name(self, kt: dict[str, Any]) -> str:
         # The environment is chosen before anything is installed: only a forced generation counts.
         forced = self.forced_generation or kt.get("generation")
