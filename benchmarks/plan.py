@@ -35,6 +35,7 @@ import yaml
 
 from ktflow.tiny.tasks import derive, write_task
 from ktflow.train.datasets import load_rows
+from ktflow.train.stages import STAGE_FORMATS, default_format
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -44,7 +45,7 @@ HUB_MODELS = (  # (repo id, BF16 size in GB): names for planning, never download
     ("moonshotai/Kimi-K2-Instruct", 2050),
     ("Qwen/Qwen3-30B-A3B", 61),
 )
-STAGE_FORMATS = {"sft": "alpaca", "dpo": "pairwise", "kto": "kto"}
+DEFAULT_FORMATS = {stage: default_format(stage) for stage in STAGE_FORMATS}
 
 
 def matrix_config(root: Path, n_models: int, n_tasks: int, stages: list[str]) -> dict[str, Any]:
@@ -66,11 +67,11 @@ def matrix_config(root: Path, n_models: int, n_tasks: int, stages: list[str]) ->
                 "source": "file",
                 "train_file": str(data / "train.json"),
                 "test_file": str(data / "test.json"),
-                "training": {"stage": stage, "format": STAGE_FORMATS[stage]},
+                "training": {"stage": stage, "format": DEFAULT_FORMATS[stage]},
             }
-            if STAGE_FORMATS[stage] != "alpaca":
+            if DEFAULT_FORMATS[stage] != "alpaca":
                 derived = data / f"{stage}.json"
-                derived.write_text(json.dumps(derive(kind, rows, STAGE_FORMATS[stage], seed=i)))
+                derived.write_text(json.dumps(derive(kind, rows, DEFAULT_FORMATS[stage], seed=i)))
                 spec["training"]["dataset"] = {"file": str(derived)}
             tasks[f"t{i}-{stage}"] = spec
     config.update(models=models, tasks=tasks, experiments={"models": list(models), "tasks": list(tasks)})
@@ -124,7 +125,7 @@ def main() -> int:
     parser.add_argument("--repeat", type=int, default=3, help="runs per case (the median is shown)")
     parser.add_argument("--models", type=int, default=4)
     parser.add_argument("--tasks", type=int, default=4)
-    parser.add_argument("--stages", nargs="+", default=list(STAGE_FORMATS), choices=list(STAGE_FORMATS))
+    parser.add_argument("--stages", nargs="+", default=list(DEFAULT_FORMATS), choices=list(DEFAULT_FORMATS))
     parser.add_argument("--finished", type=Path, help="a finished default run (default: made once)")
     parser.add_argument("--skip-noop", action="store_true", help="time planning only")
     args = parser.parse_args()

@@ -15,12 +15,15 @@ import torch
 import transformers
 from packaging.version import Version
 
-from ktflow import cli, cpuinfo
-from ktflow.doctor import PACKAGES, check_backend, collect_host
+from ktflow import cli
 from ktflow.errors import KtflowInputError
 from ktflow.estimate import GiB, estimate_requirements
-from ktflow.train.env import inspect_env
-from ktflow.train.needs import GpuInfo, HostReport, kt_variant, verdict
+from ktflow.host.cpu import cpu_flags
+from ktflow.host.kt_kernel import kt_variant
+from ktflow.host.packages import PACKAGES
+from ktflow.host.python_env import inspect_env
+from ktflow.host.report import GpuInfo, HostReport, collect_host
+from ktflow.train.preflight import check_backend, verdict
 
 # Published config.json values (DeepSeek-V3, DeepSeek-V2-Lite, Kimi-K2-Instruct).
 DEEPSEEK_V3: dict[str, Any] = {
@@ -145,7 +148,7 @@ SAPPHIRE_RAPIDS = ("fpu avx2 avx512f avx512bw avx512_vnni avx512vbmi avx512_bf16
 )
 def test_kt_variant_follows_kt_kernels_build_ladder(flags: str, variant: str | None) -> None:
     text = f"processor\t: 0\nflags\t\t: {flags}\n\nprocessor\t: 1\nflags\t\t: {flags}\n"
-    assert kt_variant(cpuinfo.cpu_flags(text)) == variant
+    assert kt_variant(cpu_flags(text)) == variant
 
 
 @pytest.fixture(scope="module")
@@ -154,7 +157,7 @@ def host() -> HostReport:
 
 
 def test_collect_host_reports_this_machine(host: HostReport) -> None:
-    flags = cpuinfo.cpu_flags()
+    flags = cpu_flags()
     assert host.flags["avx2"] == ("avx2" in flags)
     assert host.flags["amx_tile"] == ("amx_tile" in flags)
     assert host.kt_variant == kt_variant(flags)

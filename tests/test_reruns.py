@@ -218,7 +218,8 @@ def test_status_explains_snakemakes_params_reason_as_config_keys() -> None:
 
 def test_a_steps_code_version_covers_the_code_it_runs_and_no_other() -> None:
     train = code_modules("train")
-    assert {"ktflow.train.run", "ktflow.train.spec", "ktflow.atomic", "ktflow.provenance"} <= set(train)
+    assert {"ktflow.train.training", "ktflow.train.spec", "ktflow.atomic", "ktflow.provenance"} <= set(train)
+    assert "ktflow.steps.train" in train  # the command's entry module
     assert "ktflow.train.launch" in train  # started with `python -m`, not imported
     assert "ktflow.train.plan" not in train  # the Snakefile's, not the step's
     assert not {"ktflow.metrics", "ktflow.cast", "ktflow.errors"} & set(train)

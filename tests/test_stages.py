@@ -203,7 +203,8 @@ def test_gpu_backends_plan_a_preflight_offline(default_config: Path) -> None:
 
 @pytest.mark.slow
 def test_a_kt_run_stops_at_the_preflight_with_what_to_fix(default_config: Path) -> None:
-    from ktflow.doctor import check_backend, collect_host
+    from ktflow.host.report import collect_host
+    from ktflow.train.preflight import check_backend
 
     if not [p for p in check_backend(collect_host(), "kt", None) if p.severity == "error"]:
         pytest.skip("this host can run the KT backend")
@@ -264,9 +265,11 @@ def test_gpu_peak_memory_is_recorded_on_cuda(tiny_bf16: Path, tiny_tasks: Path, 
 def test_kt_backend_trains_for_real(tiny_bf16: Path, tiny_tasks: Path, tmp_path: Path) -> None:
     """KTFLOW_KT_PYTHON: the KT environment's interpreter or venv (default: this one);
     KTFLOW_KT_MODEL: a BF16 MoE checkpoint KT supports, should the tiny geometry be refused."""
-    from ktflow.doctor import PACKAGES, check_backend, collect_host, verdict
-    from ktflow.train.env import inspect_env, resolve_python
-    from ktflow.train.kt import resolve_generation
+    from ktflow.host.packages import PACKAGES
+    from ktflow.host.python_env import inspect_env, resolve_python
+    from ktflow.host.report import collect_host
+    from ktflow.train.backends.kt import resolve_generation
+    from ktflow.train.preflight import check_backend, verdict
 
     python = resolve_python(os.environ.get("KTFLOW_KT_PYTHON"), "KTFLOW_KT_PYTHON")
     env = inspect_env(python, PACKAGES)

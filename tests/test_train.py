@@ -12,18 +12,22 @@ from typing import Any
 
 import pytest
 import yaml
-from conftest import run_ktflow
+from conftest import REPO, run_ktflow
+from support.upstream import SourceSet, frozenset_literal, read_members, train_keys
 
-from ktflow.doctor import PACKAGES, check_backend, collect_host
 from ktflow.errors import KtflowInputError
-from ktflow.train.backends import backend_for
+from ktflow.host.packages import PACKAGES
+from ktflow.host.python_env import EnvReport, inspect_env, resolve_python
+from ktflow.host.report import collect_host
+from ktflow.train.backends import BACKENDS, backend_for
+from ktflow.train.backends.kt import CONFIG_KEYS, accelerate_config, resolve_generation
 from ktflow.train.datasets import check_rows, dataset_entry, load_rows
-from ktflow.train.env import EnvReport, inspect_env, python_for, resolve_python
-from ktflow.train.kt import CONFIG_KEYS, accelerate_config, resolve_generation
+from ktflow.train.interpreter import python_for
 from ktflow.train.launch import gpu_peak_record
-from ktflow.train.run import gpu_metrics
+from ktflow.train.preflight import check_backend
 from ktflow.train.spec import TrainSpec
-from ktflow.train.upstream import SourceSet, frozenset_literal, read_members, train_keys
+from ktflow.train.stages import STAGE_FORMATS
+from ktflow.train.train_metrics import gpu_metrics
 
 SPEC = {
     "stage": "sft",
@@ -398,3 +402,20 @@ def test_gpu_peaks_are_gathered_over_ranks(tmp_path: Path) -> None:
     metrics = gpu_metrics(tmp_path)
     assert metrics["gpu_peak_allocated_mb"] == 5 * 1024 and metrics["gpu_peak_reserved_mb"] == 5 * 1024 + 1
     assert [r["rank"] for r in metrics["gpu_ranks"]] == [0, 1]
+
+
+# ---------------------------------------------------------------- the schema names what the code has
+def _training_schema() -> dict[str, Any]:
+    schema = yaml.safe_load((REPO / "workflow" / "schemas" / "config.schema.yaml").read_text())
+    training: dict[str, Any] = schema["$defs"]["training"]["properties"]
+    return training
+
+
+def test_schema_training_backends_are_the_registrys() -> None:
+    assert _training_schema()["backend"]["enum"] == list(BACKENDS)
+
+
+def test_schema_stages_and_formats_are_the_codes() -> None:
+    training = _training_schema()
+    assert training["stage"]["enum"] == list(STAGE_FORMATS)
+    assert set(training["format"]["enum"]) == {f for formats in STAGE_FORMATS.values() for f in formats}

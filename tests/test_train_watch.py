@@ -19,7 +19,7 @@ from conftest import run_ktflow
 from safetensors.torch import load_file, save_file
 
 from ktflow.errors import KtflowInputError
-from ktflow.train.run import check_finite
+from ktflow.train.training import check_finite
 
 SHORT = {
     "stage": "sft",

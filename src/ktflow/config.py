@@ -23,6 +23,8 @@ from typing import Any
 import yaml
 
 from ktflow.errors import KtflowInputError
+from ktflow.train.backends import BACKENDS
+from ktflow.train.stages import STAGE_FORMATS
 
 # Architectures KTransformers' SFT path supports (upstream.md: "KT SFT architectures").
 KT_ARCHITECTURES = (
@@ -35,7 +37,6 @@ KT_ARCHITECTURES = (
     "Glm4MoeForCausalLM",
     "MixtralForCausalLM",
 )
-STAGE_FORMATS = {"sft": ("alpaca", "sharegpt"), "dpo": ("pairwise",), "kto": ("kto",)}
 # LLaMA-Factory keys that must not come through `llamafactory_args`, and why.
 _WORKFLOW_OWNED = "ktflow sets it from the workflow, under the results directory"
 REFUSED_LLAMAFACTORY_KEYS = {
@@ -205,7 +206,7 @@ def _check_lists(experiments: dict[str, Any], config: dict[str, Any], config_pat
 def _check_task(config: dict[str, Any], task: str, config_path: str) -> dict[str, Any]:
     spec = config["tasks"][task]
     training = effective_training(config, task)
-    # No format means the stage's own (ktflow.train.spec.default_format); where the data come
+    # No format means the stage's own (ktflow.train.stages.default_format); where the data come
     # from for a non-alpaca format is ktflow.train.plan's check.
     stage = training.get("stage", "sft")
     data_format = training.get("format") or STAGE_FORMATS[stage][0]
@@ -279,7 +280,8 @@ def check_config(
         _check_local_model(config, model, config_path)
     for task in experiments["tasks"]:
         training = _check_task(config, task, config_path)
-        if training.get("backend") in ("kt", "kt-legacy"):
+        backend = BACKENDS.get(training.get("backend", "hf"))
+        if backend is not None and backend.kt_architectures_only:
             for model in experiments["models"]:
                 _check_kt_model(config, model, config_path)
     for model in remote_code_models(config):

@@ -12,11 +12,10 @@ from typing import Any
 
 from ktflow.config import effective_training
 from ktflow.errors import KtflowInputError
+from ktflow.train.backends import backend_for
 from ktflow.train.datasets import HUB_PREFIX, local_file, location_count
-from ktflow.train.spec import default_format
+from ktflow.train.stages import default_format
 
-# Backends whose host needs must be checked before training starts (GPU, KT kernels).
-PREFLIGHT_BACKENDS = ("kt", "kt-legacy", "unsloth")
 # Formats a tiny task's alpaca rows can be turned into (ktflow.tiny.tasks.derive).
 DERIVED_FORMATS = ("sharegpt", "pairwise", "kto")
 
@@ -69,14 +68,16 @@ def backend(config: dict[str, Any], task: str) -> str:
 def env_name(config: dict[str, Any], task: str) -> str:
     """The conda environment (envs/<name>.yaml) training ``task`` runs in."""
     training = effective_training(config, task)
-    name = training.get("backend", "hf")
-    if name == "kt-legacy" or (name == "kt" and (training.get("kt") or {}).get("generation") == "legacy"):
-        return "kt-legacy"
-    return {"hf": "ktflow", "kt": "kt", "unsloth": "unsloth"}[name]
+    return backend_for(backend(config, task)).env_name(training.get("kt") or {})
+
+
+def needs_preflight(config: dict[str, Any], task: str) -> bool:
+    """Whether the host must be checked before ``task`` trains (GPU, KT kernels)."""
+    return backend_for(backend(config, task)).preflight
 
 
 def preflight_tasks(config: dict[str, Any]) -> list[str]:
-    return [t for t in config["experiments"]["tasks"] if backend(config, t) in PREFLIGHT_BACKENDS]
+    return [t for t in config["experiments"]["tasks"] if needs_preflight(config, t)]
 
 
 def train_input(config: dict[str, Any], task: str, results: str) -> list[str]:
@@ -85,4 +86,4 @@ def train_input(config: dict[str, Any], task: str, results: str) -> list[str]:
 
 
 def preflight_input(config: dict[str, Any], task: str, results: str) -> list[str]:
-    return [f"{results}/preflight/{task}.json"] if backend(config, task) in PREFLIGHT_BACKENDS else []
+    return [f"{results}/preflight/{task}.json"] if needs_preflight(config, task) else []

@@ -3,19 +3,25 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ktflow.errors import KtflowInputError
-
-# Each stage with the data formats it trains on; the first is the default.
-STAGE_FORMATS = {"sft": ("alpaca", "sharegpt"), "dpo": ("pairwise",), "kto": ("kto",)}
-BACKEND_NAMES = ("hf", "kt", "kt-legacy", "unsloth")
+from ktflow.train.backends import BACKENDS
+from ktflow.train.stages import STAGE_FORMATS, default_format
 
 
-def default_format(stage: str) -> str:
-    return STAGE_FORMATS[stage][0]
+def training_block(text: str, flag: str) -> dict[str, Any]:
+    """The ``training`` block given as JSON on the command line (``flag`` names the option)."""
+    try:
+        training = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise KtflowInputError(flag, None, f"invalid JSON ({error.msg})") from None
+    if not isinstance(training, dict):
+        raise KtflowInputError(flag, None, "expected a JSON object (the training block)")
+    return training
 
 
 def _one_file_key(source: dict[str, Any]) -> dict[str, Any]:
@@ -74,9 +80,9 @@ class TrainSpec:
             message = f"unknown stage {stage!r}; use one of {list(STAGE_FORMATS)}"
             raise KtflowInputError("config", "training.stage", message)
         backend = training.get("backend", "hf")
-        if backend not in BACKEND_NAMES:
+        if backend not in BACKENDS:
             raise KtflowInputError(
-                "config", "training.backend", f"unknown backend {backend!r}; use one of {list(BACKEND_NAMES)}"
+                "config", "training.backend", f"unknown backend {backend!r}; use one of {list(BACKENDS)}"
             )
         data_format = training.get("format") or default_format(stage)
         if data_format not in STAGE_FORMATS[stage]:

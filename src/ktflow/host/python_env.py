@@ -1,7 +1,7 @@
-"""The training environment: which Python runs LLaMA-Factory, and what is installed there.
+"""A Python environment (an interpreter or venv) and what is installed there.
 
 The KT backend and upstream transformers cannot share an environment, so each
-backend may run in its own: a conda env (``snakemake --software-deployment-method
+training backend may run in its own: a conda env (``snakemake --software-deployment-method
 conda``) or, without conda, an interpreter or venv named per backend in the config
 (``training.python: {kt: /opt/kt-venv}``). ktflow itself runs in its own env and
 only starts LLaMA-Factory with the backend's interpreter, so everything it learns
@@ -82,15 +82,6 @@ def resolve_python(value: str | Path | None, field_name: str = "training.python"
             "config", field_name, f"{value!r} is neither a Python interpreter nor a venv with bin/python"
         )
     return candidate.absolute()
-
-
-def python_for(python_map: dict[str, Any] | None, backend: str) -> Path | None:
-    """The interpreter configured for ``backend`` (``kt-legacy`` falls back to ``kt``'s)."""
-    python_map = python_map or {}
-    for key in (backend, "kt") if backend == "kt-legacy" else (backend,):
-        if python_map.get(key):
-            return resolve_python(python_map[key], f"training.python.{key}")
-    return None
 
 
 def inspect_env(python: Path | None, names: tuple[str, ...], timeout: float = 180) -> EnvReport:

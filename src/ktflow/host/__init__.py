@@ -1,0 +1,1 @@
+"""What this machine and a Python environment on it have: CPU, NUMA, memory, disk, GPUs, packages."""
