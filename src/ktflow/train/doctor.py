@@ -7,8 +7,8 @@ kt_kernel's CPU build), and what the model needs (estimated from its config.json
 :mod:`ktflow.estimate`). The training environment is this interpreter unless
 ``--python`` or the config's ``training.python`` names another (a venv per backend).
 
-The pipeline runs it as the ``preflight`` rule before training with a GPU backend
-(``workflow/rules/train.smk``), and ``ktflow train`` runs the same checks
+The pipeline runs it as the ``doctor`` rule before training with a GPU backend
+(``workflow/rules/doctor.smk``), and ``ktflow train`` runs the same checks
 (:mod:`ktflow.train.preflight`) before it starts LLaMA-Factory, so a run that cannot
 work stops first, saying what to fix.
 """
