@@ -34,7 +34,7 @@ from ktflow.cast.formats import Fp8Block, Int4Pack, Workspace
 from ktflow.cast.shards import Reader, file_checksum
 from ktflow.cast.synthetic import Dims, int4_quantization_config, write_fp8_release, write_int4_release
 from ktflow.errors import KtflowInputError
-from ktflow.safetensors_header import read_header
+from ktflow.readers.safetensors_header import read_header
 
 ROOT = Path(__file__).resolve().parents[1]
 FP8_QUANT = {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [128, 128]}

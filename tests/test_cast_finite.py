@@ -24,7 +24,7 @@ from ktflow.cast.formats import Fp8Block, Workspace
 from ktflow.cast.shards import Reader
 from ktflow.cast.synthetic import write_fp8_release, write_int4_release
 from ktflow.errors import KtflowInputError
-from ktflow.safetensors_header import read_header
+from ktflow.readers.safetensors_header import read_header
 
 INDEX = "model.safetensors.index.json"
 

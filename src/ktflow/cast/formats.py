@@ -19,7 +19,7 @@ import torch
 from ktflow.cast.finite import BF16_MAX, FLOAT_DTYPES, Tally, count_nonfinite, fp8_nan_count, nonfinite_error
 from ktflow.cast.shards import Entry, Reader
 from ktflow.errors import KtflowInputError
-from ktflow.safetensors_header import DTYPE_SIZES, TensorSlot
+from ktflow.readers.safetensors_header import DTYPE_SIZES, TensorSlot
 
 CHUNK_ELEMENTS = 1 << 20
 COPY_CHUNK = 1 << 23

@@ -16,8 +16,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ktflow.datasets.contract import DEFAULT_ENTRY, FORMATS, Layout, check_rows, load_rows
+from ktflow.datasets.contract import DEFAULT_ENTRY, FORMATS, Layout, check_rows
 from ktflow.errors import KtflowInputError
+from ktflow.readers.rows import load_rows
 
 # The row checks live in ktflow.datasets.contract (one validator for every step); re-exported here.
 __all__ = [
