@@ -18,9 +18,10 @@ from safetensors.torch import load_file, save_file
 
 import ktflow
 from ktflow import cli
+from ktflow.convert_int8.checkpoint import expected_keys
+from ktflow.convert_int8.convert import RECORD_NAME, check_hardware, convert_int8
 from ktflow.cpuinfo import AMX_FLAGS, AVX512_FLAGS, cpu_flags, has_amx, has_avx512, missing_flags
 from ktflow.errors import HardwareError, KtflowInputError
-from ktflow.int8 import RECORD_NAME, check_hardware, convert_int8, expected_keys
 
 ALL_FLAGS = frozenset((*AVX512_FLAGS, *AMX_FLAGS, "sse4_2"))
 CPUINFO = """processor\t: 0
