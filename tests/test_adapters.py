@@ -393,3 +393,10 @@ def test_cli_converts_and_reports_bad_input(
         )
         == 2
     )
+
+
+def test_implementations_are_auto_plus_the_converters() -> None:
+    from ktflow.convert_lora.converters import CONVERTERS, IMPLEMENTATIONS
+
+    assert IMPLEMENTATIONS == ("auto", "kt_kernel", "builtin")
+    assert all(name == converter.name for name, converter in CONVERTERS.items())

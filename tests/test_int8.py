@@ -323,3 +323,10 @@ def test_amx_int8_layout_and_values(tmp_path: Path) -> None:
     for proj, (rows, cols) in rows_cols.items():
         total = sum(shard[f"blk.1.ffn_{proj}_exps.0.numa.{n}.weight"].numel() for n in range(2))
         assert total == rows * cols
+
+
+def test_int8_backends_registry() -> None:
+    from ktflow.convert_int8.backends import INT8_BACKENDS
+
+    assert list(INT8_BACKENDS) == ["kt_kernel", "kt_checkout"]
+    assert all(name == backend.name for name, backend in INT8_BACKENDS.items())

@@ -25,9 +25,15 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "fetch": ("ktflow.fetch", "get a model snapshot from a local directory or the Hugging Face hub"),
     "cast": ("ktflow.cast.cli", "cast an FP8 / INT4 checkpoint to BF16 (streaming, resumable, verified)"),
     "train": ("ktflow.train.run", "render the LLaMA-Factory YAML and run LoRA training"),
-    "convert-lora": ("ktflow.steps.convert_lora", "convert a LoRA adapter (HF or KT) into a PEFT dir SGLang loads"),
-    "convert-int8": ("ktflow.steps.convert_int8", "convert BF16 routed experts to KT's CPU INT8 layout (AMX hosts)"),
-    "infer": ("ktflow.infer.cli", "batch inference for the base model or base + adapter"),
+    "convert-lora": (
+        "ktflow.steps.convert_lora",
+        "convert a LoRA adapter (HF or KT) into a PEFT dir SGLang loads",
+    ),
+    "convert-int8": (
+        "ktflow.steps.convert_int8",
+        "convert BF16 routed experts to KT's CPU INT8 layout (AMX hosts)",
+    ),
+    "infer": ("ktflow.steps.infer", "batch inference for the base model or base + adapter"),
     "chat": ("ktflow.chat", "LLaMA-Factory's terminal chat on a finished run (base + adapter)"),
     "evaluate": ("ktflow.metrics", "score predictions: BLEU-1..4 / ROUGE-1/2/L or MCQ accuracy"),
     "prepare-data": ("ktflow.datasets.cli", "raw data set (AfriMed-QA, NekoQA, ...) -> task files"),
