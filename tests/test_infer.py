@@ -79,7 +79,7 @@ def test_schema_backend_enum_is_the_registry() -> None:
     from ktflow.infer.backends.registry import BACKENDS
 
     schema = yaml.safe_load((Path(__file__).parents[1] / "workflow/schemas/config.schema.yaml").read_text())
-    assert schema["properties"]["inference"]["properties"]["backend"]["enum"] == list(BACKENDS)
+    assert schema["$defs"]["inference"]["properties"]["backend"]["enum"] == list(BACKENDS)
 
 
 def test_spec_keys_are_the_backends_own_plus_the_shared_ones() -> None:
