@@ -54,15 +54,9 @@ class SGLangServer(ManagedServer):
     health_path = "health"  # 200 only after SGLang's own warm-up request went through
     reserved = ("model_path", "host", "port", "lora_paths", "enable_lora")
 
-    def __init__(
-        self,
-        model_dir: Path,
-        spec: dict[str, Any],
-        adapter: tuple[str, Path] | None = None,
-        log_path: Path | None = None,
-        kt_args: list[str] | None = None,
-    ) -> None:
-        super().__init__(model_dir, spec, adapter, log_path)
+    def __init__(self, *args: Any, kt_args: list[str] | None = None, **kwargs: Any) -> None:
+        """ManagedServer's arguments, plus the ``--kt-*`` flags of the INT8 weights."""
+        super().__init__(*args, **kwargs)
         self.kt_args = list(kt_args or [])
         for flag in self.kt_args:
             key = flag.removeprefix("--").replace("-", "_")
