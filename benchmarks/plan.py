@@ -33,8 +33,8 @@ from typing import Any
 
 import yaml
 
+from ktflow.readers.rows import load_rows
 from ktflow.tiny.tasks import derive, write_task
-from ktflow.train.datasets import load_rows
 from ktflow.train.stages import STAGE_FORMATS, default_format
 
 REPO = Path(__file__).resolve().parents[1]

@@ -15,16 +15,10 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from ktflow import cli
-from ktflow.adapters import (
-    ADAPTER_CONFIG,
-    ADAPTER_WEIGHTS,
-    FUSED_WEIGHTS,
-    KT_MANIFEST,
-    convert_adapter,
-    expert_key,
-    load_kt_converter,
-)
 from ktflow.atomic import sha256_file
+from ktflow.convert_lora.convert import convert_adapter
+from ktflow.convert_lora.kt_kernel import load_kt_converter
+from ktflow.convert_lora.layout import ADAPTER_CONFIG, ADAPTER_WEIGHTS, FUSED_WEIGHTS, KT_MANIFEST, expert_key
 from ktflow.errors import KtflowInputError
 
 peft = pytest.importorskip("peft")
@@ -399,3 +393,10 @@ def test_cli_converts_and_reports_bad_input(
         )
         == 2
     )
+
+
+def test_implementations_are_auto_plus_the_converters() -> None:
+    from ktflow.convert_lora.converters import CONVERTERS, IMPLEMENTATIONS
+
+    assert IMPLEMENTATIONS == ("auto", "kt_kernel", "builtin")
+    assert all(name == converter.name for name, converter in CONVERTERS.items())

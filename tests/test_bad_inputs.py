@@ -32,8 +32,9 @@ from ktflow.config import check_config
 from ktflow.errors import KtflowInputError
 from ktflow.infer.base import requests_from_alpaca
 from ktflow.metrics.records import load_predictions
-from ktflow.safetensors_header import read_header
-from ktflow.train.datasets import check_rows, load_rows
+from ktflow.readers.rows import load_rows
+from ktflow.readers.safetensors_header import read_header
+from ktflow.train.datasets import check_rows
 
 INDEX = "model.safetensors.index.json"
 SHARD1 = "model-00001-of-00004.safetensors"

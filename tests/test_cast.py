@@ -43,7 +43,7 @@ from ktflow.cast.formats.fp8_block import Fp8Block
 from ktflow.cast.formats.int4_pack import Int4Pack
 from ktflow.cast.shards import Reader, file_checksum
 from ktflow.errors import KtflowInputError
-from ktflow.safetensors_header import read_header
+from ktflow.readers.safetensors_header import read_header
 
 ROOT = Path(__file__).resolve().parents[1]
 FP8_QUANT = {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [128, 128]}

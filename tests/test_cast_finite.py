@@ -25,7 +25,7 @@ from ktflow.cast.formats.base import Workspace
 from ktflow.cast.formats.fp8_block import Fp8Block
 from ktflow.cast.shards import Reader
 from ktflow.errors import KtflowInputError
-from ktflow.safetensors_header import read_header
+from ktflow.readers.safetensors_header import read_header
 
 INDEX = "model.safetensors.index.json"
 

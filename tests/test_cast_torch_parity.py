@@ -24,7 +24,7 @@ from ktflow.cast.formats.fp8_block import FP8_VALUES, Fp8Block
 from ktflow.cast.formats.int4_pack import Int4Pack
 from ktflow.cast.shards import Reader
 from ktflow.errors import KtflowInputError
-from ktflow.safetensors_header import read_header
+from ktflow.readers.safetensors_header import read_header
 
 SCALE_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
 SCALES = st.sampled_from([1e-3, 0.5, 3.0, 200.0, 1e30, 1e38, 1e-40, 0.0, -2.0, 6e4])

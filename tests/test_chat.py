@@ -38,8 +38,8 @@ def finished_adapter(tiny_bf16: Path, tmp_path_factory: pytest.TempPathFactory) 
 
 
 def test_chat_replies_like_the_pipelines_inference(finished_adapter: Path, tiny_bf16: Path) -> None:
+    from ktflow.infer.backends.hf import HFInference
     from ktflow.infer.base import Request, Sampling
-    from ktflow.infer.hf import HFInference
 
     result = chat(str(finished_adapter), "--max-new-tokens", "16", stdin=f"{QUESTION}\nexit\n")
     assert result.returncode == 0, result.stderr[-3000:]

@@ -56,7 +56,7 @@ def test_finish_refuses_to_publish_a_short_file(tmp_path: Path) -> None:
 
 
 def test_hf_backend_generates_deterministically_in_batches(tiny_bf16: Path) -> None:
-    from ktflow.infer.hf import HFInference
+    from ktflow.infer.backends.hf import HFInference
 
     requests = [
         Request(id=str(i), messages=[{"role": "user", "content": "word " * (i + 1)}], label="")
@@ -71,3 +71,21 @@ def test_hf_backend_generates_deterministically_in_batches(tiny_bf16: Path) -> N
     assert one == two  # order of requests does not change results
     assert one == three  # left padding does not change greedy results
     assert first.generated_tokens > 0
+
+
+def test_schema_backend_enum_is_the_registry() -> None:
+    import yaml
+
+    from ktflow.infer.backends.registry import BACKENDS
+
+    schema = yaml.safe_load((Path(__file__).parents[1] / "workflow/schemas/config.schema.yaml").read_text())
+    assert schema["$defs"]["inference"]["properties"]["backend"]["enum"] == list(BACKENDS)
+
+
+def test_spec_keys_are_the_backends_own_plus_the_shared_ones() -> None:
+    from ktflow.infer.backends.registry import BACKENDS
+    from ktflow.infer.spec import OPERATIONAL_KEYS, SPEC_KEYS
+
+    for backend in BACKENDS.values():
+        assert backend.operational_keys <= backend.spec_keys <= SPEC_KEYS, backend.name
+        assert backend.operational_keys <= OPERATIONAL_KEYS, backend.name

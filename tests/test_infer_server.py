@@ -353,8 +353,7 @@ def test_client_retries_busy_replies_and_fails_fast_on_client_errors() -> None:
 
 
 def test_sglang_launch_line_carries_adapter_kt_and_config_flags(tmp_path: Path) -> None:
-    from ktflow.infer.cli import kt_server_args
-    from ktflow.infer.server import SGLangServer
+    from ktflow.infer.backends.sglang import SGLangServer, kt_server_args
 
     int8 = tmp_path / "int8"
     int8.mkdir()

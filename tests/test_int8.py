@@ -18,9 +18,10 @@ from safetensors.torch import load_file, save_file
 
 import ktflow
 from ktflow import cli
-from ktflow.cpuinfo import AMX_FLAGS, AVX512_FLAGS, cpu_flags, has_amx, has_avx512, missing_flags
+from ktflow.convert_int8.checkpoint import expected_keys
+from ktflow.convert_int8.convert import RECORD_NAME, check_hardware, convert_int8
 from ktflow.errors import HardwareError, KtflowInputError
-from ktflow.int8 import RECORD_NAME, check_hardware, convert_int8, expected_keys
+from ktflow.host.cpu import AMX_FLAGS, AVX512_FLAGS, cpu_flags, has_amx, has_avx512, missing_flags
 
 ALL_FLAGS = frozenset((*AVX512_FLAGS, *AMX_FLAGS, "sse4_2"))
 CPUINFO = """processor\t: 0
@@ -322,3 +323,10 @@ def test_amx_int8_layout_and_values(tmp_path: Path) -> None:
     for proj, (rows, cols) in rows_cols.items():
         total = sum(shard[f"blk.1.ffn_{proj}_exps.0.numa.{n}.weight"].numel() for n in range(2))
         assert total == rows * cols
+
+
+def test_int8_backends_registry() -> None:
+    from ktflow.convert_int8.backends import INT8_BACKENDS
+
+    assert list(INT8_BACKENDS) == ["kt_kernel", "kt_checkout"]
+    assert all(name == backend.name for name, backend in INT8_BACKENDS.items())

@@ -22,8 +22,9 @@ from conftest import REPO, ktflow_env
 
 from ktflow.config import check_config
 from ktflow.errors import KtflowInputError
+from ktflow.readers.rows import load_rows
 from ktflow.train import plan
-from ktflow.train.datasets import check_rows, dataset_entry, load_rows
+from ktflow.train.datasets import check_rows, dataset_entry
 
 FIXTURES = REPO / "tests" / "fixtures" / "llamafactory"
 ENTRIES: dict[str, dict[str, Any]] = json.loads((FIXTURES / "dataset_info.json").read_text())

@@ -20,7 +20,8 @@ from conftest import ktflow_env, run_ktflow
 from transformers import AutoTokenizer
 
 from ktflow.infer.base import requests_from_alpaca
-from ktflow.infer.prompts import PromptCounter, PromptLimit, bound_prompts, prompt_limit
+from ktflow.infer.prompts import PromptLimit, bound_prompts, prompt_limit
+from ktflow.token_count import PromptCounter
 
 ROWS = [
     {"id": f"r{n}", "instruction": "Rewrite.", "input": f"line {n}", "output": f"LINE {n}"} for n in range(3)

@@ -211,9 +211,7 @@ def test_status_explains_snakemakes_params_reason_as_config_keys() -> None:
         "seed added (1)",
     ]
     updated = "Input files updated by another job: results/a, results/b"
-    assert explain(updated, {"results/a": "train", "results/b": "cast"}) == [
-        "after cast, train"
-    ]
+    assert explain(updated, {"results/a": "train", "results/b": "cast"}) == ["after cast, train"]
 
 
 def test_a_steps_code_version_covers_the_code_it_runs_and_no_other() -> None:

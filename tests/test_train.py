@@ -19,9 +19,10 @@ from ktflow.errors import KtflowInputError
 from ktflow.host.packages import PACKAGES
 from ktflow.host.python_env import EnvReport, inspect_env, resolve_python
 from ktflow.host.report import collect_host
+from ktflow.readers.rows import load_rows
 from ktflow.train.backends import BACKENDS, backend_for
 from ktflow.train.backends.kt import CONFIG_KEYS, accelerate_config, resolve_generation
-from ktflow.train.datasets import check_rows, dataset_entry, load_rows
+from ktflow.train.datasets import check_rows, dataset_entry
 from ktflow.train.interpreter import python_for
 from ktflow.train.launch import gpu_peak_record
 from ktflow.train.preflight import check_backend

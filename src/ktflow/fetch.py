@@ -26,7 +26,7 @@ from typing import Any
 from ktflow.atomic import atomic_dir
 from ktflow.errors import KtflowInputError
 from ktflow.provenance import PROVENANCE_NAME, recorded
-from ktflow.safetensors_header import read_header
+from ktflow.readers.safetensors_header import read_header
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ from ktflow.cast.detect import make_format
 from ktflow.cast.formats.base import OutTensor, WeightFormat
 from ktflow.cast.shards import Reader, shard_size
 from ktflow.errors import KtflowInputError
-from ktflow.safetensors_header import TensorSlot, read_header
+from ktflow.readers.safetensors_header import TensorSlot, read_header
 
 INDEX_NAME = "model.safetensors.index.json"
 CONFIG_NAME = "config.json"

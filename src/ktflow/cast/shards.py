@@ -23,7 +23,7 @@ import xxhash
 
 from ktflow.atomic import storage_error
 from ktflow.errors import KtflowInputError
-from ktflow.safetensors_header import DTYPE_SIZES, TensorSlot
+from ktflow.readers.safetensors_header import DTYPE_SIZES, TensorSlot
 
 METADATA = {"format": "pt"}  # transformers refuses shards whose metadata lacks format=pt
 CAST_MARKER = "cast_complete.json"  # written last into DST: the only sign that it is complete

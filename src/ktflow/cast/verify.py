@@ -18,7 +18,7 @@ from ktflow.cast.finite import FLOAT_DTYPES, count_nonfinite, nonfinite_message
 from ktflow.cast.plan import CONFIG_NAME, INDEX_NAME, build_plan, load_json
 from ktflow.cast.shards import Entry, Reader
 from ktflow.errors import KtflowInputError
-from ktflow.safetensors_header import TensorSlot, read_header
+from ktflow.readers.safetensors_header import TensorSlot, read_header
 
 # Tensor-name endings that only a quantized checkpoint has.
 QUANT_SUFFIXES = ("_scale_inv", ".weight_packed", ".weight_scale", ".weight_shape", ".weight_zero_point")

@@ -8,6 +8,7 @@ loop lets it ask a managed server whether it is still alive before each retry.
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import threading
 from collections.abc import Callable, Iterator
@@ -25,10 +26,22 @@ log = logging.getLogger(__name__)
 RETRY_STATUS = frozenset({408, 409, 425, 429, 500, 502, 503, 504})
 MAX_BACKOFF_S = 30.0
 Outcome = tuple[Request, str | None, Exception | None]
+# The inference settings the client reads (all operational: they never change a prediction).
+CLIENT_KEYS = frozenset({"concurrency", "request_timeout_s", "retries", "api_key_env"})
 
 
 class Cancelled(InferenceError):
     """Another request already failed the run; this one stopped early."""
+
+
+def client_options(spec: dict[str, Any], sampling: Sampling) -> dict[str, Any]:
+    """OpenAIClient's keyword arguments from the config's inference block."""
+    return {
+        "concurrency": spec.get("concurrency", sampling.batch_size),
+        "timeout_s": float(spec.get("request_timeout_s", 600)),
+        "retries": spec.get("retries", 3),
+        "api_key": os.environ.get(spec["api_key_env"]) if spec.get("api_key_env") else None,
+    }
 
 
 def check_base_url(base_url: str, field: str = "inference.base_url") -> str:

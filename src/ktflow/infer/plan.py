@@ -1,10 +1,10 @@
 """What the workflow's ``infer`` job needs beyond the model and the test file, per backend.
 
-SGLang loads the PEFT dir ``ktflow convert-lora`` wrote (``lora/<model>/<task>/sglang``) and,
-for a model with ``cpu_int8``, KT's INT8 experts (``models/<model>/int8``, whose
-``ktflow_int8.json`` holds the ``--kt-*`` flags); every other backend loads the adapter
-training wrote. Kept here (not in the Snakefile) so the rule stays declarative and this is
-testable without Snakemake.
+Each backend says which adapter dir it loads (``Backend.adapter_input``: SGLang the PEFT dir
+``ktflow convert-lora`` wrote, ``lora/<model>/<task>/sglang``; the others the adapter training
+wrote) and whether it serves a ``cpu_int8`` model's INT8 experts (``models/<model>/int8``,
+whose ``ktflow_int8.json`` holds the ``--kt-*`` flags). Kept here (not in the Snakefile) so
+the rule stays declarative and this is testable without Snakemake.
 """
 
 from __future__ import annotations
@@ -12,16 +12,16 @@ from __future__ import annotations
 from typing import Any
 
 from ktflow.config import effective_inference
+from ktflow.infer.backends.registry import DEFAULT_BACKEND, backend_named
 
 
 def infer_inputs(config: dict[str, Any], model: str, task: str, variant: str) -> dict[str, str]:
     results = config.get("results", "results")
-    backend = effective_inference(config, model, task).get("backend", "hf")
+    backend = backend_named(effective_inference(config, model, task).get("backend", DEFAULT_BACKEND))
     inputs: dict[str, str] = {}
     if variant == "lora":
-        kind = "sglang" if backend == "sglang" else "adapter"
-        inputs["adapter"] = f"{results}/lora/{model}/{task}/{kind}"
-    if backend == "sglang" and config["models"][model].get("cpu_int8", False):
+        inputs["adapter"] = f"{results}/lora/{model}/{task}/{backend.adapter_input}"
+    if backend.loads_int8 and config["models"][model].get("cpu_int8", False):
         inputs["int8"] = f"{results}/models/{model}/int8"
     return inputs
 

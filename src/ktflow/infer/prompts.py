@@ -21,6 +21,7 @@ from typing import Any
 from ktflow.datasets.contract import row_name
 from ktflow.errors import KtflowInputError
 from ktflow.infer.base import Request, Sampling
+from ktflow.token_count import PromptCounter
 
 log = logging.getLogger(__name__)
 
@@ -66,38 +67,9 @@ def prompt_limit(spec: dict[str, Any], model_dir: Path) -> PromptLimit | None:
     return PromptLimit(tokens, origin, policy)
 
 
-class PromptCounter:
-    """Counts prompt tokens as the backend will send them (chat template included)."""
-
-    def __init__(self, tokenizer: Any) -> None:
-        self.tokenizer = tokenizer
-        # No token spans more characters than the longest vocabulary entry, so a text of
-        # n characters has at least n / longest tokens: an upper bound read without tokenizing.
-        self.longest = max((len(piece) for piece in tokenizer.get_vocab()), default=1) or 1
-
-    def count(self, messages: list[dict[str, str]]) -> int:
-        encoded: Any = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-        return len(encoded["input_ids"] if hasattr(encoded, "keys") else encoded)
-
-    def at_least(self, text: str) -> int:
-        return len(text) // self.longest
-
-    def cut(self, request: Request, limit: int) -> Request:
-        """The request with its prompt's end cut off so the whole prompt fits ``limit`` tokens."""
-        content = request.prompt[: limit * self.longest]
-        ids = self.tokenizer.encode(content, add_special_tokens=False)
-        keep = max(limit - self.count(_with(request, "").messages), 0)
-        while True:
-            shorter = _with(request, self.tokenizer.decode(ids[:keep], skip_special_tokens=False))
-            excess = self.count(shorter.messages) - limit
-            if excess <= 0 or keep == 0:
-                return shorter
-            keep = max(keep - excess, 0)  # token merges at the cut can add a token or two
-
-
-def _with(request: Request, content: str) -> Request:
-    messages = [*request.messages[:-1], {**request.messages[-1], "content": content}]
-    return dataclasses.replace(request, messages=messages)
+def cut_prompt(counter: PromptCounter, request: Request, limit: int) -> Request:
+    """The request with its prompt's end cut off so the whole prompt fits ``limit`` tokens."""
+    return dataclasses.replace(request, messages=counter.cut(request.messages, limit))
 
 
 def longest_field(row: dict[str, Any]) -> str:
@@ -132,7 +104,7 @@ def bound_prompts(
         truncated += 1
         if truncated <= 5:
             log.warning("%s: %s: prompt of %s tokens cut to %d", path, row_name(number), size, limit.tokens)
-        bounded.append(counter.cut(request, limit.tokens))
+        bounded.append(cut_prompt(counter, request, limit.tokens))
     if truncated:
         log.warning("%s: %d of %d prompts cut to %d tokens (%s)", path, truncated, len(rows), limit.tokens,
                     limit.origin)  # fmt: skip

@@ -1,10 +1,10 @@
 """Inference servers ktflow launches itself: start, wait for health, watch, always stop.
 
-One class per server (SGLang, LLaMA-Factory's api); ``ManagedBackend`` pairs a server
-with the OpenAI client and restarts the server, up to a configured count, when it dies
-mid-run. Servers listen on 127.0.0.1 only and run in ktflow's process group, so a
-Ctrl-C or a scheduler's group kill reaches them too; ktflow also ends the whole process
-tree itself on any exit, and on Linux the server gets SIGTERM if ktflow is killed.
+One ``ManagedServer`` subclass per server backend (in ``ktflow.infer.backends``);
+``ManagedBackend`` pairs a server with the OpenAI client and restarts the server, up to a
+configured count, when it dies mid-run. Servers listen on 127.0.0.1 only and run in ktflow's
+process group, so a Ctrl-C or a scheduler's group kill reaches them too; ktflow also ends the
+whole process tree itself on any exit, and on Linux the server gets SIGTERM if ktflow is killed.
 """
 
 from __future__ import annotations
@@ -26,14 +26,16 @@ from typing import IO, Any
 import httpx
 import psutil
 
-from ktflow.errors import HardwareError, KtflowInputError
+from ktflow.errors import KtflowInputError
 from ktflow.infer.base import InferenceBackend, InferenceError, Request, Sampling, ServerDied
-from ktflow.infer.client import OpenAIClient
+from ktflow.infer.client import OpenAIClient, client_options
 from ktflow.lifetime import tied_to_parent
 
 log = logging.getLogger(__name__)
 
 HOST = "127.0.0.1"
+# The inference settings every managed server reads (all operational: they never change a prediction).
+MANAGED_KEYS = frozenset({"python", "server", "startup_timeout_s", "restarts"})
 STOP_GRACE_S = 20.0
 _FLAG = re.compile(r"^[a-z][a-z0-9_]*$")
 
@@ -198,101 +200,6 @@ class ManagedServer(ABC):
             stop_tree(self.process, self.tree)
 
 
-class SGLangServer(ManagedServer):
-    """``python -m sglang.launch_server`` with the adapter as ``--lora-paths NAME=DIR`` and, for KT
-    CPU experts, the ``--kt-*`` flags from ``ktflow convert-int8``'s ``ktflow_int8.json``."""
-
-    name = "sglang"
-    health_path = "health"  # 200 only after SGLang's own warm-up request went through
-    reserved = ("model_path", "host", "port", "lora_paths", "enable_lora")
-
-    def __init__(
-        self,
-        model_dir: Path,
-        spec: dict[str, Any],
-        adapter: tuple[str, Path] | None = None,
-        log_path: Path | None = None,
-        kt_args: list[str] | None = None,
-    ) -> None:
-        super().__init__(model_dir, spec, adapter, log_path)
-        self.kt_args = list(kt_args or [])
-        for flag in self.kt_args:
-            key = flag.removeprefix("--").replace("-", "_")
-            if flag.startswith("--") and key in self.flags:
-                raise KtflowInputError(
-                    "config", f"inference.server.{key}", "also set by the INT8 weights dir"
-                )
-        self.served_name = str(self.flags.pop("served_model_name", self.served_name))
-
-    def model_names(self) -> dict[str | None, str]:
-        names = super().model_names()
-        if self.adapter is not None:
-            names[self.adapter[0]] = f"{self.served_name}:{self.adapter[0]}"  # SGLang's BASE:ADAPTER
-        return names
-
-    def preflight(self) -> None:
-        probe = (
-            "import importlib.util,sys\n"
-            "if importlib.util.find_spec('sglang') is None: sys.exit(10)\n"
-            "import torch\nsys.exit(0 if torch.cuda.is_available() else 11)"
-        )
-        try:
-            code = subprocess.run([self.python, "-c", probe], timeout=300, check=False).returncode
-        except (OSError, subprocess.TimeoutExpired) as error:
-            raise KtflowInputError("config", "inference.python", f"{self.python}: {error}") from error
-        if code == 10:
-            raise KtflowInputError("config", "inference.python", f"{self.python} cannot import sglang")
-        if code == 11:
-            raise HardwareError(f"the sglang backend needs a CUDA GPU; {self.python} sees none")
-        if code != 0:
-            raise KtflowInputError(
-                "config", "inference.python", f"{self.python} failed its check (exit {code})"
-            )
-
-    def command(self, port: int) -> list[str]:
-        flags: dict[str, Any] = {
-            "served_model_name": self.served_name,
-            "random_seed": self.spec.get("seed", 42),
-            "dtype": self.spec.get("dtype", "auto"),
-            "max_running_requests": self.spec.get("batch_size"),
-            "trust_remote_code": bool(self.spec.get("trust_remote_code", False)),
-            **self.flags,
-        }
-        argv = [self.python, "-m", "sglang.launch_server", "--model-path", str(self.model_dir)]
-        argv += ["--host", HOST, "--port", str(port)]
-        if self.adapter is not None:
-            argv += ["--enable-lora", "--lora-paths", f"{self.adapter[0]}={Path(self.adapter[1]).resolve()}"]
-        return argv + self.kt_args + flag_args(flags)
-
-
-class LlamaFactoryServer(ManagedServer):
-    """LLaMA-Factory's OpenAI-style ``api`` (base + adapter merged, one model per server)."""
-
-    name = "llamafactory"
-    reserved = ("model_name_or_path", "adapter_name_or_path")
-
-    def model_names(self) -> dict[str | None, str]:
-        # The api serves exactly what it loaded and ignores the request's model field.
-        return {self.adapter[0] if self.adapter else None: self.served_name}
-
-    def command(self, port: int) -> list[str]:
-        args: dict[str, Any] = {
-            "model_name_or_path": str(self.model_dir),
-            "infer_backend": "huggingface",
-            "infer_dtype": self.spec.get("dtype", "auto"),
-            "trust_remote_code": bool(self.spec.get("trust_remote_code", False)),
-            **self.flags,
-        }
-        if self.adapter is not None:
-            args["adapter_name_or_path"] = str(Path(self.adapter[1]).resolve())
-        return [self.python, "-m", "ktflow.lf_launch", "api", *flag_args(args, dashes=False)]
-
-    def environment(self, port: int) -> dict[str, str]:
-        env = super().environment(port)
-        env.update(API_HOST=HOST, API_PORT=str(port), API_MODEL_NAME=self.served_name, API_VERBOSE="0")
-        return env
-
-
 class ManagedBackend(InferenceBackend):
     """A launched server plus the OpenAI client; restarts a dead server up to ``restarts`` times,
     sending only the requests that have no completion yet."""
@@ -346,3 +253,8 @@ class ManagedBackend(InferenceBackend):
             self.server.stop()
         finally:
             self.client.close()
+
+
+def managed_backend(server: ManagedServer, spec: dict[str, Any], sampling: Sampling) -> ManagedBackend:
+    """Start ``server`` (stopped again on any failure) and talk to it through the OpenAI client."""
+    return ManagedBackend(server, sampling, client_options(spec, sampling), restarts=spec.get("restarts", 0))

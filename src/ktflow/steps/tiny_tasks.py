@@ -35,7 +35,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     from ktflow.provenance import recorded
-    from ktflow.train.datasets import load_rows
+    from ktflow.readers.rows import load_rows
 
     subset = {"task": args.task, "seed": args.seed, "format": args.format}
     if args.source is not None:

@@ -11,8 +11,9 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from ktflow.datasets.contract import Layout, load_rows, row_name
-from ktflow.infer.prompts import PromptCounter
+from ktflow.datasets.contract import Layout, row_name
+from ktflow.readers.rows import load_rows
+from ktflow.token_count import PromptCounter
 from ktflow.train.datasets import HUB_PREFIX
 from ktflow.train.spec import TrainSpec
 

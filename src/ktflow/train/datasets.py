@@ -16,12 +16,12 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ktflow.datasets.contract import DEFAULT_ENTRY, FORMATS, Layout, check_rows, load_rows
+from ktflow.datasets.contract import DEFAULT_ENTRY, FORMATS, Layout, check_rows
 from ktflow.errors import KtflowInputError
 
 # The row checks live in ktflow.datasets.contract (one validator for every step); re-exported here.
 __all__ = [
-    "FORMATS", "HUB_PREFIX", "check_rows", "dataset_entry", "load_rows", "local_file", "write_dataset_info",
+    "FORMATS", "HUB_PREFIX", "check_rows", "dataset_entry", "local_file", "write_dataset_info",
 ]  # fmt: skip
 
 HUB_PREFIX = "hf:"

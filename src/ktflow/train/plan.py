@@ -1,4 +1,4 @@
-"""What ``workflow/rules/train.smk`` and ``doctor.smk`` ask of a config: data, environment, preflight per task.
+"""What the ``train`` and ``doctor`` rules ask of a config: data, environment, preflight per task.
 
 Plain functions of the (merged) config, so the rules stay declarative and these
 decisions are tested without Snakemake. Nothing here touches the network or a GPU:

@@ -28,10 +28,11 @@ from ktflow.host.packages import PACKAGES
 from ktflow.host.python_env import EnvReport, inspect_env
 from ktflow.lifetime import claimed, tied_to_parent
 from ktflow.provenance import recorded
+from ktflow.readers.rows import load_rows
 from ktflow.train import cutoff
 from ktflow.train.backends import backend_for
 from ktflow.train.checkpoints import prepare_run_dir
-from ktflow.train.datasets import HUB_PREFIX, check_rows, dataset_entry, load_rows, write_dataset_info
+from ktflow.train.datasets import HUB_PREFIX, check_rows, dataset_entry, write_dataset_info
 from ktflow.train.interpreter import python_for
 from ktflow.train.preflight import preflight
 from ktflow.train.spec import TrainSpec

@@ -26,7 +26,7 @@ from ktflow.cast.finite import (
 )
 from ktflow.cast.shards import Entry, Reader
 from ktflow.errors import KtflowInputError
-from ktflow.safetensors_header import TensorSlot
+from ktflow.readers.safetensors_header import TensorSlot
 
 CHUNK_ELEMENTS = 1 << 18
 COPY_CHUNK = 1 << 23

@@ -9,7 +9,7 @@ from typing import Any
 from ktflow.cast.formats.base import OutTensor, Sink, WeightFormat, Workspace
 from ktflow.cast.shards import Reader
 from ktflow.errors import KtflowInputError
-from ktflow.safetensors_header import TensorSlot
+from ktflow.readers.safetensors_header import TensorSlot
 
 
 class Bf16Passthrough(WeightFormat):

@@ -14,7 +14,7 @@ from ktflow.cast.formats import base
 from ktflow.cast.formats.base import OutTensor, Sink, WeightFormat, Workspace
 from ktflow.cast.shards import Entry, Reader
 from ktflow.errors import KtflowInputError
-from ktflow.safetensors_header import DTYPE_SIZES, TensorSlot
+from ktflow.readers.safetensors_header import DTYPE_SIZES, TensorSlot
 
 
 class Fp8Block(WeightFormat):

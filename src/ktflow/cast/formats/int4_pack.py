@@ -13,7 +13,7 @@ from ktflow.cast.formats import base
 from ktflow.cast.formats.base import OutTensor, Sink, WeightFormat, Workspace
 from ktflow.cast.shards import Entry, Reader
 from ktflow.errors import KtflowInputError
-from ktflow.safetensors_header import TensorSlot
+from ktflow.readers.safetensors_header import TensorSlot
 
 # The only weight settings the kernel implements, by their config key.
 SUPPORTED_WEIGHTS = {"num_bits": 4, "type": "int", "symmetric": True, "strategy": "group"}

@@ -1,4 +1,5 @@
-"""In-process generation with transformers (+ PEFT for an adapter): batched, length-sorted, left-padded.
+"""``hf``: in-process generation with transformers (+ PEFT for an adapter): batched,
+length-sorted, left-padded.
 
 The adapter is merged into the base weights once (as LLaMA-Factory does for inference),
 so each decoding step runs plain linear layers instead of base + LoRA A/B per module.
@@ -11,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from ktflow.infer.backends.base import Backend, InferInputs
 from ktflow.infer.base import InferenceBackend, Request, Sampling
 
 log = logging.getLogger(__name__)
@@ -20,6 +22,21 @@ DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
 # and, when other jobs share the cores, OpenMP's barriers wait on descheduled threads (measured
 # 20x slower on a busy 2-core host), so such models decode on one thread unless told otherwise.
 SMALL_MODEL_PARAMS = 100_000_000
+
+
+class HfBackend(Backend):
+    name = "hf"
+    spec_keys = operational_keys = frozenset({"threads"})
+
+    def create(self, spec: dict[str, Any], sampling: Sampling, inputs: InferInputs) -> InferenceBackend:
+        return HFInference(
+            inputs.model_dir,
+            sampling,
+            adapter_dir=inputs.adapter,
+            dtype=spec.get("dtype", "float32"),
+            trust_remote_code=bool(spec.get("trust_remote_code", False)),
+            threads=spec.get("threads"),
+        )
 
 
 class HFInference(InferenceBackend):

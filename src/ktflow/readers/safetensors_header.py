@@ -1,7 +1,7 @@
 """The safetensors header of one file, read and checked at least as strictly as the library.
 
-Shared by every step that opens safetensors without loading them (cast, fetch): a step that
-only needs the layout must not import another step to get it.
+Shared by every step that opens safetensors without loading them (cast, fetch, convert-lora,
+convert-int8): a step that only needs the layout must not import another step to get it.
 """
 
 from __future__ import annotations
@@ -70,6 +70,11 @@ def read_header(path: Path) -> dict[str, TensorSlot]:
     slots = {name: _slot(path, name, entry, base) for name, entry in header.items() if name != "__metadata__"}
     _check_layout(path, slots, base, size)
     return slots
+
+
+def tensor_layouts(path: Path) -> dict[str, tuple[tuple[int, ...], str]]:
+    """key -> (shape, dtype) of every tensor in a checked header, without reading tensor data."""
+    return {name: (slot.shape, slot.dtype) for name, slot in read_header(path).items()}
 
 
 def _header_bytes(path: Path) -> tuple[int, bytes]:

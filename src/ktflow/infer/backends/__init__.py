@@ -1,0 +1,1 @@
+"""Inference backends: one file per ``inference.backend`` value, each owning its facts."""

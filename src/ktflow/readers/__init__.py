@@ -1,0 +1,1 @@
+"""Readers shared by the steps: task rows, one JSON object, a safetensors header."""
