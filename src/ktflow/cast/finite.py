@@ -15,27 +15,11 @@ from pathlib import Path
 import numpy as np
 
 from ktflow.errors import KtflowInputError
+from ktflow.nonfinite import FLOAT_DTYPES, nonfinite_message
 
-# safetensors float dtype -> (unsigned type of its width, its exponent field).
-FLOAT_DTYPES: dict[str, tuple[type[np.unsignedinteger], int]] = {
-    "BF16": (np.uint16, 0x7F80),
-    "F16": (np.uint16, 0x7C00),
-    "F32": (np.uint32, 0x7F800000),
-    "F64": (np.uint64, 0x7FF0000000000000),
-}
 BF16_EXPONENT = FLOAT_DTYPES["BF16"][1]
 # Largest finite bf16 (0x7F7F): a float32 product at or beyond it rounds to Inf.
 BF16_MAX = float(np.array([0x7F7F0000], dtype=np.uint32).view(np.float32)[0])
-
-
-def count_nonfinite(bits: np.ndarray, exponent: int, scratch: np.ndarray) -> int:
-    """NaN / Inf among float values given as raw unsigned bits; ``scratch``: as many of the same type."""
-    if not bits.size:
-        return 0
-    fields = np.bitwise_and(bits, exponent, out=scratch[: bits.size].reshape(bits.shape))
-    if int(fields.max()) != exponent:
-        return 0
-    return int(np.count_nonzero(fields == exponent))
 
 
 def count_nonfinite_floats(values: np.ndarray) -> int:
@@ -46,10 +30,6 @@ def count_nonfinite_floats(values: np.ndarray) -> int:
 def fp8_nan_count(raw: np.ndarray) -> int:
     """float8_e4m3fn has no Inf; its NaN codes are 0x7F and 0xFF."""
     return int(np.count_nonzero((raw & 0x7F) == 0x7F))
-
-
-def nonfinite_message(count: int, total: int, what: str) -> str:
-    return f"{count} of {total} {what} values are NaN or Inf"
 
 
 def nonfinite_error(path: Path | str, name: str, count: int, total: int, what: str) -> KtflowInputError:

@@ -14,10 +14,10 @@ from pathlib import Path
 import numpy as np
 
 from ktflow.cast.detect import quantization_config
-from ktflow.cast.finite import FLOAT_DTYPES, count_nonfinite, nonfinite_message
 from ktflow.cast.plan import CONFIG_NAME, INDEX_NAME, build_plan, load_json
 from ktflow.cast.shards import Entry, Reader
 from ktflow.errors import KtflowInputError
+from ktflow.nonfinite import FLOAT_DTYPES, count_nonfinite, nonfinite_message
 from ktflow.readers.safetensors_header import TensorSlot, read_header
 
 # Tensor-name endings that only a quantized checkpoint has.

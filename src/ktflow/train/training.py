@@ -27,6 +27,7 @@ from ktflow.fetch import validate_snapshot
 from ktflow.host.packages import PACKAGES
 from ktflow.host.python_env import EnvReport, inspect_env
 from ktflow.lifetime import claimed, tied_to_parent
+from ktflow.nonfinite import nonfinite_tensors
 from ktflow.provenance import recorded
 from ktflow.readers.rows import load_rows
 from ktflow.train import cutoff
@@ -60,15 +61,9 @@ NONFINITE_ADVICE = "(check the base model's weights for NaN/Inf, or lower traini
 
 def check_finite(path: Path) -> None:
     """KtflowInputError naming the first tensor of ``path`` with NaN or infinite values."""
-    from safetensors import safe_open
-
-    with safe_open(str(path), "pt") as tensors:
-        for name in tensors.keys():  # noqa: SIM118 (safe_open is not a mapping)
-            tensor = tensors.get_tensor(name)
-            bad = int((~tensor.isfinite()).sum()) if tensor.is_floating_point() else 0
-            if bad:
-                what = f"{bad} of {tensor.numel()} values are NaN or infinite: not published"
-                raise KtflowInputError(path, name, f"{what} {NONFINITE_ADVICE}")
+    for name, bad, total in nonfinite_tensors(path):
+        what = f"{bad} of {total} values are NaN or infinite: not published"
+        raise KtflowInputError(path, name, f"{what} {NONFINITE_ADVICE}")
 
 
 def render(spec: TrainSpec, env: EnvReport, work: Path) -> tuple[dict[str, Any], Path]:

@@ -16,16 +16,10 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from ktflow.cast.finite import (
-    BF16_MAX,
-    FLOAT_DTYPES,
-    Tally,
-    count_nonfinite,
-    count_nonfinite_floats,
-    nonfinite_error,
-)
+from ktflow.cast.finite import BF16_MAX, Tally, count_nonfinite_floats, nonfinite_error
 from ktflow.cast.shards import Entry, Reader
 from ktflow.errors import KtflowInputError
+from ktflow.nonfinite import FLOAT_DTYPES, count_nonfinite
 from ktflow.readers.safetensors_header import TensorSlot
 
 CHUNK_ELEMENTS = 1 << 18
