@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 from ktflow import cli
 from ktflow.atomic import sha256_file
 from ktflow.convert_lora.convert import convert_adapter
-from ktflow.convert_lora.kt_kernel import load_kt_converter
+from ktflow.convert_lora.converters.kt_kernel import load_kt_converter
 from ktflow.convert_lora.layout import ADAPTER_CONFIG, ADAPTER_WEIGHTS, FUSED_WEIGHTS, KT_MANIFEST, expert_key
 from ktflow.errors import KtflowInputError
 

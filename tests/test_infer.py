@@ -76,14 +76,14 @@ def test_hf_backend_generates_deterministically_in_batches(tiny_bf16: Path) -> N
 def test_schema_backend_enum_is_the_registry() -> None:
     import yaml
 
-    from ktflow.infer.backends.registry import BACKENDS
+    from ktflow.infer.backends import BACKENDS
 
     schema = yaml.safe_load((Path(__file__).parents[1] / "workflow/schemas/config.schema.yaml").read_text())
     assert schema["$defs"]["inference"]["properties"]["backend"]["enum"] == list(BACKENDS)
 
 
 def test_spec_keys_are_the_backends_own_plus_the_shared_ones() -> None:
-    from ktflow.infer.backends.registry import BACKENDS
+    from ktflow.infer.backends import BACKENDS
     from ktflow.infer.spec import OPERATIONAL_KEYS, SPEC_KEYS
 
     for backend in BACKENDS.values():

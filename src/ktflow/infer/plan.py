@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from ktflow.config import effective_inference
-from ktflow.infer.backends.registry import DEFAULT_BACKEND, backend_named
+from ktflow.infer.backends import DEFAULT_BACKEND, backend_named
 
 
 def infer_inputs(config: dict[str, Any], model: str, task: str, variant: str) -> dict[str, str]:

@@ -20,8 +20,8 @@ from types import FrameType
 from typing import Any
 
 from ktflow.errors import KtflowInputError
+from ktflow.infer.backends import DEFAULT_BACKEND, backend_named
 from ktflow.infer.backends.base import Backend, InferInputs
-from ktflow.infer.backends.registry import DEFAULT_BACKEND, backend_named
 from ktflow.infer.base import InferenceBackend, InferenceError, Request, ResumableJsonl, requests_from_alpaca
 from ktflow.infer.prompts import bound_prompts, prompt_limit
 from ktflow.infer.spec import OPERATIONAL_KEYS, check_spec, sampling_of

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from ktflow.errors import KtflowInputError
-from ktflow.infer.backends.registry import BACKENDS, DEFAULT_BACKEND, backend_named
+from ktflow.infer.backends import BACKENDS, DEFAULT_BACKEND, backend_named
 from ktflow.infer.base import Sampling
 
 SAMPLING_KEYS = ("max_new_tokens", "do_sample", "temperature", "top_p", "seed", "batch_size")

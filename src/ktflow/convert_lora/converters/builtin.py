@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ktflow.atomic import write_json
-from ktflow.convert_lora.base import LoraConverter
+from ktflow.convert_lora.converters.base import LoraConverter
 from ktflow.convert_lora.layout import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ktflow.convert_int8.base import BackendUnavailable, Int8Backend
+from ktflow.convert_int8.backends.base import BackendUnavailable, Int8Backend
 from ktflow.convert_int8.checkpoint import MoeCheckpoint
 from ktflow.errors import KtflowInputError
 

@@ -11,7 +11,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from ktflow.convert_int8.base import BackendUnavailable, Int8Backend
+from ktflow.convert_int8.backends.base import BackendUnavailable, Int8Backend
 from ktflow.convert_int8.checkpoint import KT_METHOD, PROJECTIONS, MoeCheckpoint, expected_keys
 from ktflow.errors import HardwareError
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import logging
 
-from ktflow.convert_lora.base import LoraConverter
-from ktflow.convert_lora.builtin import BuiltinConverter
-from ktflow.convert_lora.kt_kernel import KtKernelConverter
+from ktflow.convert_lora.converters.base import LoraConverter
+from ktflow.convert_lora.converters.builtin import BuiltinConverter
+from ktflow.convert_lora.converters.kt_kernel import KtKernelConverter
 from ktflow.convert_lora.plan import AdapterPlan
 from ktflow.errors import KtflowInputError
 

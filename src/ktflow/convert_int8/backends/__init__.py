@@ -5,9 +5,9 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from ktflow.convert_int8.base import BackendUnavailable, Int8Backend
-from ktflow.convert_int8.kt_checkout import KtCheckoutBackend
-from ktflow.convert_int8.kt_kernel import KtKernelBackend
+from ktflow.convert_int8.backends.base import BackendUnavailable, Int8Backend
+from ktflow.convert_int8.backends.kt_checkout import KtCheckoutBackend
+from ktflow.convert_int8.backends.kt_kernel import KtKernelBackend
 from ktflow.errors import KtflowInputError
 
 log = logging.getLogger(__name__)

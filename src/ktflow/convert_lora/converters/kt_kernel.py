@@ -10,7 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ktflow.convert_lora.base import LoraConverter
+from ktflow.convert_lora.converters.base import LoraConverter
 from ktflow.convert_lora.layout import FUSED_WEIGHTS
 from ktflow.convert_lora.plan import AdapterPlan
 from ktflow.errors import KtflowInputError
