@@ -77,6 +77,32 @@ def test_shared_packages_import_no_step_and_no_family(shared: str) -> None:
         assert not above, f"{path.relative_to(PACKAGE)} imports {sorted(above)}"
 
 
+# Every family of variants: (package holding registry, interface and one file per variant, registry).
+FAMILIES = [
+    ("ktflow.cast.formats", "FORMATS"),
+    ("ktflow.train.backends", "BACKENDS"),
+    ("ktflow.infer.backends", "BACKENDS"),
+    ("ktflow.convert_lora.converters", "CONVERTERS"),
+    ("ktflow.convert_int8.backends", "INT8_BACKENDS"),
+]
+
+
+@pytest.mark.parametrize(("package", "registry"), FAMILIES)
+def test_every_family_has_one_shape(package: str, registry: str) -> None:
+    """Registry in the package's __init__, the interface in base.py, each variant in a file of its own."""
+    module = importlib.import_module(package)
+    base = importlib.import_module(f"{package}.base")
+    variants = getattr(module, registry)
+    homes = set()
+    for name, variant in variants.items():
+        cls = variant if isinstance(variant, type) else type(variant)
+        assert cls.__module__.startswith(f"{package}.") and cls.__module__ != base.__name__, name
+        interfaces = [v for v in vars(base).values() if isinstance(v, type) and v.__module__ == base.__name__]
+        assert any(issubclass(cls, interface) for interface in interfaces), f"{name} implements base.py"
+        homes.add(cls.__module__)
+    assert len(homes) == len(variants), f"{package}: one file per variant"
+
+
 def test_no_module_is_over_the_size_limit() -> None:
     sizes = {p.relative_to(PACKAGE): len(p.read_text().splitlines()) for p in PACKAGE.rglob("*.py")}
     assert {path: n for path, n in sizes.items() if n > MAX_LINES} == {}
