@@ -247,23 +247,9 @@ def build(kind: str, target: Path, gigabytes: float, shard_mb: int) -> Path:
 
 
 def real_dims(wanted: int, per_expert: int) -> Any:
-    from support.synthetic_checkpoints import Dims
+    from support.synthetic_checkpoints import REAL_SIZES, Dims
 
-    return Dims(
-        hidden=7168,
-        inter=18432,
-        moe_inter=2048,
-        vocab=4096,
-        layers=2,
-        dense_layers=1,
-        experts=max(2, round(wanted / per_expert)),
-        heads=16,
-        q_lora=1536,
-        kv_lora=512,
-        nope=128,
-        rope=64,
-        v_head=128,
-    )
+    return Dims(**REAL_SIZES, layers=2, dense_layers=1, experts=max(2, round(wanted / per_expert)))
 
 
 def bench(

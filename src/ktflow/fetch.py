@@ -1,4 +1,6 @@
-"""``ktflow fetch``: put a model snapshot (config, tokenizer, safetensors) under the results tree.
+"""Put a model snapshot (config, tokenizer, safetensors) under the results tree.
+
+The command is ``ktflow fetch`` (:mod:`ktflow.steps.fetch`).
 
 Two sources: a local directory, or the Hugging Face hub through huggingface_hub's
 own cache (``snapshot_download`` without ``local_dir``, so a pre-populated cache and

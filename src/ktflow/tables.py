@@ -1,6 +1,6 @@
-"""``ktflow tables``: metrics JSON files -> tables in the paper's layout (CSV, Markdown, HTML).
+"""Metrics JSON files -> tables in the paper's layout (CSV, Markdown, HTML).
 
-    ktflow tables MODEL:TASK:VARIANT=METRICS.json ... --spec JSON [--out-dir DIR] [--page PAGE.html]
+The command is ``ktflow tables`` (:mod:`ktflow.steps.tables`).
 
 Rows are "<model> (no LoRA)" and "<model> + LoRA" per task, in the config's model order;
 generation tasks get BLEU-1..4 / ROUGE-1 / ROUGE-2 / ROUGE-L columns (x100), multiple-choice

@@ -277,21 +277,24 @@ def write_int4_release(
     return _save(dst, tensors, shard_bytes, config)
 
 
+# DeepSeek-V3's per-layer matrix sizes (vocab cut): what a realistic synthetic release uses.
+REAL_SIZES: dict[str, int] = {
+    "hidden": 7168,
+    "inter": 18432,
+    "moe_inter": 2048,
+    "vocab": 4096,
+    "q_lora": 1536,
+    "kv_lora": 512,
+    "heads": 16,
+    "nope": 128,
+    "rope": 64,
+    "v_head": 128,
+}
+
+
 def scaled(dims: Dims, target_bytes: int) -> Dims:
     """Real DeepSeek-V3 matrix sizes with as many experts as it takes to reach ``target_bytes`` of FP8."""
-    real = replace(
-        dims,
-        hidden=7168,
-        inter=18432,
-        moe_inter=2048,
-        vocab=4096,
-        q_lora=1536,
-        kv_lora=512,
-        heads=16,
-        nope=128,
-        rope=64,
-        v_head=128,
-    )
+    real = replace(dims, **REAL_SIZES)
     per_expert = 3 * real.hidden * real.moe_inter
     experts = max(1, math.ceil(target_bytes / max(1, real.layers - real.dense_layers) / per_expert))
     return replace(real, experts=experts)

@@ -1,8 +1,6 @@
-"""``ktflow prepare-task``: raw data set -> ``train.json`` + ``test.json`` in the pipeline's format.
+"""Raw data set -> ``train.json`` + ``test.json`` in the pipeline's format.
 
-    ktflow prepare-task OUT_DIR --spec '{"source": "hf-dataset", "repo_id": ..., "filename": ...,
-        "adapter": "afrimed-qa-mcq", "kind": "mcq", "split": {"method": "column"}, "seed": 42}'
-    ktflow prepare-task OUT_DIR --adapter nekoqa --raw-file NekoQA-10K.json --test-size 0.1
+The command is ``ktflow prepare-task`` (:mod:`ktflow.steps.prepare_task`).
 
 The spec is the task's block of the config (the ``prepare_task`` rule passes it). Everything
 is read and checked before anything is written; both files and ``OUT_DIR/provenance.json``

@@ -1,14 +1,9 @@
 """``ktflow chat``: LLaMA-Factory's terminal chat on a finished run (base + adapter, same template).
 
-The quick look the fine-tuning guides recommend before serving. ktflow reads the
-LLaMA-Factory YAML that training left beside the adapter (``llamafactory.yaml``) for
-the base model, the chat template and ``trust_remote_code``, so the chat formats
-prompts exactly as training did, then runs ``llamafactory-cli chat`` in this process
-(through ``ktflow.lf_launch``). Type ``exit`` to leave, ``clear`` to forget the history.
-
     ktflow chat results/lora/tiny-v3/style/adapter
     ktflow chat results/lora/tiny-v3/style/adapter --base-only      # the same model without LoRA
-    echo -e "Rewrite: the cat sat.\nexit" | ktflow chat results/lora/tiny-v3/style/adapter
+
+The work is done in :mod:`ktflow.chat`.
 """
 
 from __future__ import annotations

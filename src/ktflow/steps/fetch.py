@@ -1,13 +1,6 @@
 """``ktflow fetch``: put a model snapshot (config, tokenizer, safetensors) under the results tree.
 
-Two sources: a local directory, or the Hugging Face hub through huggingface_hub's
-own cache (``snapshot_download`` without ``local_dir``, so a pre-populated cache and
-``HF_HUB_OFFLINE=1`` work exactly as huggingface_hub documents). Either way the
-files are materialised into OUT_DIR by a copy-on-write clone, a hard link (same
-file system) or a copy, never a symlink: the output must not change when the
-source directory does, and no later step can reach back into the user's tree
-through a link. The token is left to huggingface_hub (``HF_TOKEN`` or ``hf auth
-login``); ktflow never reads, passes, logs or records it.
+The work is done in :mod:`ktflow.fetch`.
 """
 
 from __future__ import annotations

@@ -1,12 +1,9 @@
 """``ktflow plots``: training-loss curves of every run, and base-vs-LoRA metric bars per task (PNG).
 
-    ktflow plots --loss LOSS.png --metrics METRICS.png --spec JSON \
+    ktflow plots --loss LOSS.png --metrics METRICS.png --spec JSON \\
         --train-logs MODEL:TASK=ADAPTER_DIR ... --entries MODEL:TASK:VARIANT=METRICS.json ...
 
-Loss curves come from LLaMA-Factory's ``trainer_log.jsonl`` (published next to each adapter);
-the bars reuse ``ktflow tables``' reading of the metrics, so published numbers named in the
-spec appear as black markers over the matching bars. Figures are drawn with matplotlib's Agg
-canvas directly (no pyplot state, no display needed) and written atomically.
+The work is done in :mod:`ktflow.plots`.
 """
 
 from __future__ import annotations

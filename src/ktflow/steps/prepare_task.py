@@ -4,9 +4,7 @@
         "adapter": "afrimed-qa-mcq", "kind": "mcq", "split": {"method": "column"}, "seed": 42}'
     ktflow prepare-task OUT_DIR --adapter nekoqa --raw-file NekoQA-10K.json --test-size 0.1
 
-The spec is the task's block of the config (the ``prepare_task`` rule passes it). Everything
-is read and checked before anything is written; both files and ``OUT_DIR/provenance.json``
-are written atomically.
+The work is done in :mod:`ktflow.datasets.prepare`.
 """
 
 from __future__ import annotations

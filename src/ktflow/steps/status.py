@@ -1,16 +1,6 @@
 """``ktflow status``: for the current config, which steps are up to date, which would rerun, and why.
 
-Nothing is run. Snakemake is asked twice, at the same time: ``--detailed-summary`` lists
-every output of the DAG with the rule that makes it and the inputs it was made from, and
-``--dry-run`` gives the reason for each job that would run (both are exact; ``--list-changes
-params`` is not: it reports outputs whose params differ from any earlier run, even ones a
-later run rebuilt). A
-params change is shown as the config keys that changed (``lora.rank: 16 -> 8``) instead of
-Snakemake's raw before/now value sets, and a job whose output is already in the
-between-workflow cache is marked as restored rather than recomputed.
-
-This module also names each step's code version (:func:`code_version`), which every rule
-carries as a param: editing the code a step runs reruns it and keys its cache entry.
+The work is done in :mod:`ktflow.status`.
 """
 
 from __future__ import annotations

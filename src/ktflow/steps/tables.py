@@ -2,13 +2,7 @@
 
     ktflow tables MODEL:TASK:VARIANT=METRICS.json ... --spec JSON [--out-dir DIR] [--page PAGE.html]
 
-Rows are "<model> (no LoRA)" and "<model> + LoRA" per task, in the config's model order;
-generation tasks get BLEU-1..4 / ROUGE-1 / ROUGE-2 / ROUGE-L columns (x100), multiple-choice
-tasks an accuracy column. When the spec names published numbers (config ``tables.paper``),
-a "(paper)" row sits under the reproduced row and "Δ <metric>" columns give reproduced
-minus published. ``--out-dir`` gets ``generation.*`` and ``accuracy.*`` (all tasks, with a
-Task column) and ``tasks/<task>.*`` (one table per task); ``--page`` one self-contained
-HTML page with every task's table (the Snakemake report embeds it).
+The work is done in :mod:`ktflow.tables`.
 """
 
 from __future__ import annotations

@@ -1,11 +1,6 @@
 """Build the tiny DeepSeek-V3-architecture MoE and write it the way DeepSeek releases V3.
 
-The model is made with transformers' own ``DeepseekV3Config`` (MLA attention, a dense
-first layer, 8 routed experts, 1 shared expert), the tokenizer is a byte-level BPE
-trained here with ``tokenizers``, and the weights are written as FP8 (e4m3) with
-128x128 block ``weight_scale_inv`` in sharded safetensors with an index, plus a
-``quantization_config`` in config.json. The default pipeline therefore exercises the
-real cast path. Dimensions are chosen so some FP8 blocks are partial (160 = 128 + 32).
+The work is done in :mod:`ktflow.tiny.model`.
 """
 
 from __future__ import annotations

@@ -1,13 +1,6 @@
 """Two seeded toy tasks that mirror the paper's: a style rewrite and a multiple-choice quiz.
 
-- ``style`` (generation, scored with BLEU/ROUGE): plain English sentences rewritten
-  in a stilted "translational" register, like the Translational-Style data set.
-- ``choice`` (multiple choice, scored by accuracy): "which word names a <category>?" or
-  "which word is the same kind of thing as <word>?" with five options A-E and the
-  answer letter, like AfriMed-QA's MCQ split.
-
-Both are built from fixed word lists with a seeded RNG, so every run makes the
-same files; train and test splits are disjoint by construction.
+The work is done in :mod:`ktflow.tiny.tasks`.
 """
 
 from __future__ import annotations

@@ -1,5 +1,7 @@
 """Build the tiny DeepSeek-V3-architecture MoE and write it the way DeepSeek releases V3.
 
+The command is ``ktflow tiny-model`` (:mod:`ktflow.steps.tiny_model`).
+
 The model is made with transformers' own ``DeepseekV3Config`` (MLA attention, a dense
 first layer, 8 routed experts, 1 shared expert), the tokenizer is a byte-level BPE
 trained here with ``tokenizers``, and the weights are written as FP8 (e4m3) with

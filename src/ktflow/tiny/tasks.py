@@ -1,5 +1,7 @@
 """Two seeded toy tasks that mirror the paper's: a style rewrite and a multiple-choice quiz.
 
+The command is ``ktflow tiny-tasks`` (:mod:`ktflow.steps.tiny_tasks`).
+
 - ``style`` (generation, scored with BLEU/ROUGE): plain English sentences rewritten
   in a stilted "translational" register, like the Translational-Style data set.
 - ``choice`` (multiple choice, scored by accuracy): "which word names a <category>?" or
