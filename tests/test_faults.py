@@ -44,7 +44,7 @@ from test_determinism import (
 
 from ktflow.atomic import atomic_file, sweep_stale, write_json
 from ktflow.cast.verify import verify_checkpoint
-from ktflow.fetch import validate_snapshot
+from ktflow.readers.snapshot import validate_snapshot
 
 # Kills per rule (each a fresh `snakemake --until <rule>`); raise it for a longer soak.
 KILLS_PER_RULE = int(os.environ.get("KTFLOW_FAULT_KILLS", "2"))

@@ -221,7 +221,14 @@ def test_a_steps_code_version_covers_the_code_it_runs_and_no_other() -> None:
     assert "ktflow.train.launch" in train  # started with `python -m`, not imported
     assert "ktflow.train.plan" not in train  # the Snakefile's, not the step's
     # Other steps' code: training reaches none of it (it used to, through doctor and infer).
-    others = {"ktflow.metrics", "ktflow.cast", "ktflow.infer", "ktflow.steps.doctor", "ktflow.errors"}
+    others = {
+        "ktflow.metrics",
+        "ktflow.cast",
+        "ktflow.infer",
+        "ktflow.fetch",
+        "ktflow.steps.doctor",
+        "ktflow.errors",
+    }
     assert not others & set(train)
     assert "ktflow.train.doctor" in code_modules("doctor")  # the doctor rule now carries a version
     assert code_version("train").startswith("ktflow-code:train:")

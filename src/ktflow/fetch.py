@@ -16,11 +16,10 @@ from __future__ import annotations
 
 import errno
 import fcntl
-import json
 import logging
 import os
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,12 +27,10 @@ from typing import Any
 from ktflow.atomic import atomic_dir
 from ktflow.errors import KtflowInputError
 from ktflow.provenance import PROVENANCE_NAME, recorded
-from ktflow.readers.safetensors_header import read_header
+from ktflow.readers.snapshot import validate_snapshot
 
 log = logging.getLogger(__name__)
 
-# Pickle-based checkpoint formats: loading them can run arbitrary code.
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 # Everything a model snapshot needs for the pipeline (config, tokenizer incl. tiktoken
 # and custom tokenizer code, chat templates, safetensors) and nothing pickled.
 DEFAULT_ALLOW_PATTERNS = [
@@ -56,67 +53,6 @@ class FetchReport:
     repo_id: str | None = None
     revision: str | None = None
     commit_sha: str | None = None
-
-
-def _snapshot_files(root: Path) -> Iterator[tuple[Path, Path]]:
-    """(relative path, real file) for every visible file; links are resolved, hidden entries skipped."""
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        # .git, .cache/huggingface (local_dir metadata) and friends are not part of a model.
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        for name in sorted(filenames):
-            if name.startswith(".") or name == PROVENANCE_NAME:
-                continue
-            path = Path(dirpath) / name
-            if path.is_file():
-                yield path.relative_to(root), path.resolve()
-
-
-def _check_safetensors(path: Path) -> None:
-    """Reject a truncated, garbled or non-safetensors file by its header, before any step reads it."""
-    read_header(path)  # the package's one header check
-
-
-def validate_snapshot(root: Path, keep: Callable[[str], bool] | None = None) -> list[tuple[Path, Path]]:
-    """Check a model directory is loadable from safetensors alone; return its (selected) files."""
-    if not root.is_dir():
-        raise KtflowInputError(root, None, "model directory does not exist")
-    files = [(rel, real) for rel, real in _snapshot_files(root) if keep is None or keep(rel.as_posix())]
-    names = {rel.as_posix() for rel, _ in files}
-    pickled = [rel for rel, _ in files if rel.suffix.lower() in PICKLE_SUFFIXES]
-    if pickled:
-        raise KtflowInputError(
-            root / pickled[0], None,
-            "pickle-format weights are refused: weights load only from safetensors "
-            "(remove the file, or convert it to safetensors first)",
-        )  # fmt: skip
-    config = root / "config.json"
-    if "config.json" not in names:
-        raise KtflowInputError(config, None, "missing: a model snapshot needs its config.json")
-    try:
-        parsed = json.loads(config.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise KtflowInputError(config, None, f"not valid JSON ({error})") from None
-    if not isinstance(parsed, dict) or not isinstance(parsed.get("model_type"), str):
-        raise KtflowInputError(config, "model_type", "missing: config.json must name the model_type")
-    tensors = [real for rel, real in files if rel.suffix == ".safetensors"]
-    if not tensors:
-        raise KtflowInputError(root, None, "no *.safetensors weights in the model directory")
-    index = root / "model.safetensors.index.json"
-    if "model.safetensors.index.json" in names:
-        try:
-            weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map")
-        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as error:
-            raise KtflowInputError(index, None, f"not a safetensors index ({error})") from None
-        if not isinstance(weight_map, dict):
-            raise KtflowInputError(index, "weight_map", "missing or not an object")
-        missing = sorted(set(weight_map.values()) - names)
-        if missing:
-            raise KtflowInputError(
-                index, "weight_map", f"names shard {missing[0]}, which is not in the snapshot"
-            )
-    for path in tensors:
-        _check_safetensors(path)
-    return files
 
 
 def _materialise(src: Path, dst: Path, hardlink: bool) -> str:

@@ -51,7 +51,7 @@ def run_fingerprint(spec: dict[str, Any], paths: list[Path | None], adapter_name
 
 def check_weights(backend: Backend, model_dir: Path, adapter: Path | None) -> None:
     """Weights load only from safetensors: refuse pickles before anything could unpickle them."""
-    from ktflow.fetch import PICKLE_SUFFIXES, validate_snapshot
+    from ktflow.readers.snapshot import PICKLE_SUFFIXES, validate_snapshot
 
     if backend.loads_local_weights:
         validate_snapshot(model_dir)

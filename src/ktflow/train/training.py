@@ -23,13 +23,13 @@ import yaml
 
 from ktflow.atomic import StorageError, atomic_dir, sha256_file, write_json, write_text
 from ktflow.errors import KtflowInputError
-from ktflow.fetch import validate_snapshot
 from ktflow.host.packages import PACKAGES
 from ktflow.host.python_env import EnvReport, inspect_env
 from ktflow.lifetime import claimed, tied_to_parent
 from ktflow.nonfinite import nonfinite_tensors
 from ktflow.provenance import recorded
 from ktflow.readers.rows import load_rows
+from ktflow.readers.snapshot import validate_snapshot
 from ktflow.train import cutoff
 from ktflow.train.backends import backend_for
 from ktflow.train.checkpoints import prepare_run_dir
