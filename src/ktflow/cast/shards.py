@@ -42,13 +42,15 @@ class Reader:
         self._handles: dict[Path, Any] = {}
         self._advised: dict[Path, int] = {}
 
-    def readinto(self, slot: TensorSlot, offset: int, out: memoryview) -> None:
+    def readinto(self, slot: TensorSlot, offset: int, out: memoryview, *, streaming: bool = True) -> None:
+        """``streaming``: part of a tensor read front to back, so the disk is asked for what follows."""
         handle = self._handles.get(slot.path)
         if handle is None:
             handle = self._handles[slot.path] = open(slot.path, "rb", buffering=0)  # noqa: SIM115
         if offset < 0 or offset + len(out) > slot.nbytes:
             raise ValueError(f"read past {slot.name}")
-        self._read_ahead(slot.path, handle.fileno(), slot.start + offset + len(out))
+        if streaming:
+            self._read_ahead(slot.path, handle.fileno(), slot.start + offset + len(out))
         handle.seek(slot.start + offset)
         got = 0
         while got < len(out):
@@ -70,8 +72,11 @@ class Reader:
         self._advised[path] = end + READAHEAD_WINDOW
 
     def read(self, slot: TensorSlot) -> bytearray:
+        """A small tensor (a scale, a shape) read whole. It does not move the read-ahead cursor: safetensors
+        puts INT4 scales after every packed weight, so advising from there would stop the advice for
+        the weights streamed next."""
         data = bytearray(slot.nbytes)
-        self.readinto(slot, 0, memoryview(data))
+        self.readinto(slot, 0, memoryview(data), streaming=False)
         return data
 
     def close(self) -> None:
