@@ -18,8 +18,9 @@ from safetensors.torch import load_file, save_file
 
 import ktflow
 from ktflow import cli
+from ktflow.convert_int8 import RECORD_NAME
 from ktflow.convert_int8.checkpoint import expected_keys
-from ktflow.convert_int8.convert import RECORD_NAME, check_hardware, convert_int8
+from ktflow.convert_int8.convert import check_hardware, convert_int8
 from ktflow.errors import HardwareError, KtflowInputError
 from ktflow.host.cpu import AMX_FLAGS, AVX512_FLAGS, cpu_flags, has_amx, has_avx512, missing_flags
 

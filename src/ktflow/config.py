@@ -24,7 +24,7 @@ import yaml
 
 from ktflow.errors import KtflowInputError
 from ktflow.train.backends import BACKENDS
-from ktflow.train.stages import STAGE_FORMATS
+from ktflow.train.stages import STAGE_FORMATS, default_format
 
 # Architectures KTransformers' SFT path supports (upstream.md: "KT SFT architectures").
 KT_ARCHITECTURES = (
@@ -206,10 +206,10 @@ def _check_lists(experiments: dict[str, Any], config: dict[str, Any], config_pat
 def _check_task(config: dict[str, Any], task: str, config_path: str) -> dict[str, Any]:
     spec = config["tasks"][task]
     training = effective_training(config, task)
-    # No format means the stage's own (ktflow.train.stages.default_format); where the data come
+    # No format means the stage's own; where the data come
     # from for a non-alpaca format is ktflow.train.plan's check.
     stage = training.get("stage", "sft")
-    data_format = training.get("format") or STAGE_FORMATS[stage][0]
+    data_format = training.get("format") or default_format(stage)
     if data_format not in STAGE_FORMATS[stage]:
         own = spec.get("training", {})
         where = f"tasks.{task}.training" if "stage" in own or "format" in own else "training"

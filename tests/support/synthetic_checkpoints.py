@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -290,18 +290,6 @@ REAL_SIZES: dict[str, int] = {
     "rope": 64,
     "v_head": 128,
 }
-
-
-def scaled(dims: Dims, target_bytes: int) -> Dims:
-    """Real DeepSeek-V3 matrix sizes with as many experts as it takes to reach ``target_bytes`` of FP8."""
-    real = replace(dims, **REAL_SIZES)
-    per_expert = 3 * real.hidden * real.moe_inter
-    experts = max(1, math.ceil(target_bytes / max(1, real.layers - real.dense_layers) / per_expert))
-    return replace(real, experts=experts)
-
-
-def describe(dims: Dims) -> dict[str, Any]:
-    return asdict(dims)
 
 
 def write_int4_weight(path: Path, packed: torch.Tensor, scale: torch.Tensor, cols: int) -> Path:

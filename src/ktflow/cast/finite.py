@@ -15,9 +15,8 @@ from pathlib import Path
 import numpy as np
 
 from ktflow.errors import KtflowInputError
-from ktflow.nonfinite import FLOAT_DTYPES, nonfinite_message
+from ktflow.nonfinite import nonfinite_message
 
-BF16_EXPONENT = FLOAT_DTYPES["BF16"][1]
 # Largest finite bf16 (0x7F7F): a float32 product at or beyond it rounds to Inf.
 BF16_MAX = float(np.array([0x7F7F0000], dtype=np.uint32).view(np.float32)[0])
 

@@ -7,3 +7,6 @@ server reads; ktflow drives it, one MoE layer at a time, and checks the result.
 Output: safetensors shards holding ``blk.{L}.ffn_{gate,up,down}_exps.{E}.numa.{n}.{weight,scale}``
 (int8 / float32), ``ktflow_int8.json`` (the server flags to use) and provenance.json.
 """
+
+# What the conversion writes beside the shards and the SGLang backend reads: the server flags to use.
+RECORD_NAME = "ktflow_int8.json"

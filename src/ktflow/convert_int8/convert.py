@@ -9,6 +9,7 @@ import shutil
 from pathlib import Path
 
 from ktflow.atomic import atomic_dir, write_json
+from ktflow.convert_int8 import RECORD_NAME
 from ktflow.convert_int8.backends import resolve_backend
 from ktflow.convert_int8.checkpoint import KT_METHOD, read_checkpoint, verify_layout
 from ktflow.errors import HardwareError, KtflowInputError
@@ -19,7 +20,6 @@ from ktflow.provenance import PROVENANCE_NAME, recorded
 log = logging.getLogger(__name__)
 
 REQUIRED_FLAGS = (*AVX512_FLAGS, *AMX_FLAGS)
-RECORD_NAME = "ktflow_int8.json"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -11,7 +11,5 @@ from ktflow.cast.formats.bf16 import Bf16Passthrough
 from ktflow.cast.formats.fp8_block import Fp8Block
 from ktflow.cast.formats.int4_pack import Int4Pack
 
-FORMATS: dict[str, type[WeightFormat]] = {
-    fmt.quant_method: fmt for fmt in (Fp8Block, Int4Pack) if fmt.quant_method is not None
-}
+FORMATS: dict[str, type[WeightFormat]] = {fmt.quant_method: fmt for fmt in (Fp8Block, Int4Pack)}
 UNQUANTIZED: type[WeightFormat] = Bf16Passthrough

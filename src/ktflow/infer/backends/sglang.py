@@ -11,13 +11,12 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+from ktflow.convert_int8 import RECORD_NAME
 from ktflow.errors import HardwareError, KtflowInputError
 from ktflow.infer.backends.base import Backend, InferInputs
 from ktflow.infer.base import InferenceBackend, Sampling
 from ktflow.infer.client import CLIENT_KEYS
 from ktflow.infer.server import HOST, MANAGED_KEYS, ManagedServer, flag_args, managed_backend
-
-INT8_RECORD = "ktflow_int8.json"
 
 
 class SGLangBackend(Backend):
@@ -34,7 +33,7 @@ class SGLangBackend(Backend):
 
 
 def kt_server_args(int8_dir: Path) -> list[str]:
-    record = int8_dir / INT8_RECORD
+    record = int8_dir / RECORD_NAME
     try:
         args = json.loads(record.read_text(encoding="utf-8"))["sglang_args"]
     except (OSError, ValueError, KeyError, TypeError) as error:

@@ -22,10 +22,11 @@ from packaging.version import InvalidVersion, Version
 
 from ktflow.errors import KtflowInputError
 from ktflow.estimate import Requirements
+from ktflow.host.kt_kernel import KT_VARIANTS
 from ktflow.host.packages import lf_version
 from ktflow.host.python_env import EnvReport
 from ktflow.host.report import HostReport
-from ktflow.train.backends.base import Problem, TrainingBackend, shortfall
+from ktflow.train.backends.base import LAUNCH, Problem, TrainingBackend, shortfall
 
 if TYPE_CHECKING:
     from ktflow.train.spec import TrainSpec
@@ -62,7 +63,7 @@ KNOWN_KEYS = frozenset((*MODEL_KEYS, *CONFIG_KEYS, *LEGACY_KEYS, *OWN_KEYS))
 # Only kt-kernel's amx and avx512_bf16 CPU builds export the *_SFT_MOE classes LoRA training
 # needs (checked in the wheel's extensions); avx512_bf16 runs them without AMX tiles, slower.
 KT_SFT_VARIANTS = ("amx", "avx512_bf16")
-SFT_FLOOR = ("avx512f", "avx512bw", "avx512_vnni", "avx512_vbmi", "avx512_bf16")
+SFT_FLOOR = dict(KT_VARIANTS)["avx512_bf16"]
 KT_GPU = "KT trains the non-expert layers on a GPU"
 
 
@@ -201,7 +202,7 @@ class KTBackend(TrainingBackend):
 
     def generation_command(self, python: str, yaml_path: Path, accelerate_yaml: Path) -> list[str]:
         launch = [python, "-m", "accelerate.commands.launch", "--config_file", str(accelerate_yaml)]
-        return [*launch, "-m", "ktflow.train.launch", "train", str(yaml_path)]
+        return [*launch, *LAUNCH, str(yaml_path)]
 
     def generation_files(self, spec: TrainSpec, env: EnvReport) -> dict[str, dict[str, Any]]:
         if spec.kt.get("accelerate_config"):

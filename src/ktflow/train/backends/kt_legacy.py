@@ -14,7 +14,7 @@ from ktflow.errors import KtflowInputError
 from ktflow.host.cpu import AMX_FLAGS, AVX512_FLAGS
 from ktflow.host.python_env import EnvReport
 from ktflow.host.report import HostReport
-from ktflow.train.backends.base import Problem
+from ktflow.train.backends.base import LAUNCH, Problem
 from ktflow.train.backends.kt import LEGACY_BELOW, KTBackend, installed_lf
 
 if TYPE_CHECKING:
@@ -53,7 +53,7 @@ class KTLegacyBackend(KTBackend):
         }
 
     def generation_command(self, python: str, yaml_path: Path, accelerate_yaml: Path) -> list[str]:
-        return [python, "-m", "ktflow.train.launch", "train", str(yaml_path)]
+        return [python, *LAUNCH, str(yaml_path)]
 
     def generation_files(self, spec: TrainSpec, env: EnvReport) -> dict[str, dict[str, Any]]:
         return {}  # no accelerate launch
