@@ -38,7 +38,7 @@ from support.synthetic_checkpoints import (
 
 from ktflow.cast import CAST_MARKER, cast_checkpoint, detect_format, verify_checkpoint
 from ktflow.cast.formats import FORMATS, UNQUANTIZED
-from ktflow.cast.formats.base import Workspace
+from ktflow.cast.formats.base import Sink, Workspace
 from ktflow.cast.formats.fp8_block import Fp8Block
 from ktflow.cast.formats.int4_pack import Int4Pack
 from ktflow.cast.shards import Reader, file_checksum
@@ -303,7 +303,7 @@ def run_kernel(fmt: Fp8Block | Int4Pack, path: Path) -> dict[str, np.ndarray]:
         def sink(data: memoryview, into: list[bytes] = chunks) -> None:
             into.append(bytes(data))
 
-        fmt.produce(out, reader, work, sink)
+        fmt.produce(out, reader, work, Sink(sink))
         if out.kind != "copy":
             result[out.entry.name] = np.frombuffer(b"".join(chunks), np.uint16).reshape(out.entry.shape)
     reader.close()

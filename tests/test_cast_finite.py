@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 from support.synthetic_checkpoints import write_fp8_release, write_int4_release
 
 from ktflow.cast import CAST_MARKER, cast_checkpoint, verify_checkpoint
-from ktflow.cast.formats.base import Workspace
+from ktflow.cast.formats.base import Sink, Workspace
 from ktflow.cast.formats.fp8_block import Fp8Block
 from ktflow.cast.shards import Reader
 from ktflow.errors import KtflowInputError
@@ -117,7 +117,7 @@ def test_a_scale_whose_products_overflow_bf16_is_refused(tmp_path: Path) -> None
     fmt, reader = Fp8Block((128, 128)), Reader()
     (out,) = fmt.plan(read_header(path), reader)
     with pytest.raises(KtflowInputError, match="16 of 16 bf16 output") as caught:
-        fmt.produce(out, reader, Workspace(), lambda data: None)
+        fmt.produce(out, reader, Workspace(), Sink(lambda data: None))
     assert caught.value.field == "w"
 
 

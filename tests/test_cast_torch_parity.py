@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 from support import torch_kernels
 from support.synthetic_checkpoints import write_int4_weight
 
-from ktflow.cast.formats.base import Workspace
+from ktflow.cast.formats.base import Sink, Workspace
 from ktflow.cast.formats.fp8_block import FP8_VALUES, Fp8Block
 from ktflow.cast.formats.int4_pack import Int4Pack
 from ktflow.cast.shards import Reader
@@ -36,7 +36,7 @@ def cast_bits(fmt: Fp8Block | Int4Pack, path: Path) -> tuple[np.ndarray, str | N
     reader, data = Reader(), bytearray()
     (out,) = [out for out in fmt.plan(read_header(path), reader) if out.kind != "copy"]
     try:
-        fmt.produce(out, reader, Workspace(), data.extend)
+        fmt.produce(out, reader, Workspace(), Sink(data.extend))
         error = None
     except KtflowInputError as refused:
         error = refused.message

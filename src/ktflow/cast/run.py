@@ -34,7 +34,7 @@ import xxhash
 from tqdm import tqdm
 
 from ktflow.atomic import atomic_file, write_json
-from ktflow.cast.formats.base import Workspace
+from ktflow.cast.formats.base import Sink, Workspace
 from ktflow.cast.plan import CONFIG_NAME, INDEX_NAME, Plan, ShardPlan, bf16_config, build_plan, load_json
 from ktflow.cast.shards import CAST_MARKER, Reader, ShardWriter, disk_errors, file_checksum
 from ktflow.cast.verify import VerifyReport, verify_checkpoint
@@ -265,11 +265,7 @@ def _write_shard(
 ) -> None:
     with ShardWriter(state.dst / shard.name, [out.entry for out in shard.tensors], state.durable) as writer:
         advance(writer.size)  # the header
-
-        def sink(data: memoryview) -> None:
-            writer.write(data)
-            advance(data.nbytes)
-
+        sink = _ShardSink(writer, advance)
         for out in shard.tensors:
             before = writer.size
             plan.fmt.produce(out, reader, work, sink)
@@ -278,6 +274,25 @@ def _write_shard(
                     f"{out.entry.name}: wrote {writer.size - before} bytes, not {out.entry.nbytes}"
                 )
     state.record(shard, {"size": writer.size, "xxh3_64": writer.checksum})
+
+
+class _ShardSink(Sink):
+    """Kernel output into a shard, counted for the progress bar; lends the shard's output buffer."""
+
+    def __init__(self, writer: ShardWriter, advance: Callable[[int], None]) -> None:
+        def write(data: memoryview) -> None:
+            writer.write(data)
+            advance(data.nbytes)
+
+        super().__init__(write)
+        self._writer, self._advance = writer, advance
+
+    def reserve(self, nbytes: int) -> memoryview | None:
+        return self._writer.reserve(nbytes)
+
+    def commit(self, nbytes: int) -> None:
+        self._writer.commit(nbytes)
+        self._advance(nbytes)
 
 
 def _place_whole(shard: ShardPlan, state: _State, links: bool, advance: Callable[[int], None]) -> None:

@@ -22,6 +22,7 @@ from typing import Any
 import xxhash
 
 from ktflow.atomic import storage_error
+from ktflow.cast.output_file import open_output
 from ktflow.errors import KtflowInputError
 from ktflow.readers.safetensors_header import DTYPE_SIZES, TensorSlot
 
@@ -29,8 +30,6 @@ METADATA = {"format": "pt"}  # transformers refuses shards whose metadata lacks 
 CAST_MARKER = "cast_complete.json"  # written last into DST: the only sign that it is complete
 # Read ahead from the first moment: the first shards are then in memory when the workers get to them.
 PREFETCH_BYTES = 1 << 30
-# A durable writer hands each finished window to the disk at once (see ShardWriter.write).
-WRITEBACK_WINDOW = 32 << 20
 # How far a reader asks the disk to read ahead of where it reads (see Reader.readinto).
 READAHEAD_WINDOW = 64 << 20
 
@@ -128,13 +127,12 @@ class ShardWriter:
 
     def __init__(self, path: Path, entries: list[Entry], durable: bool = True) -> None:
         self.path = path
-        self._durable = durable
         self.tmp = path.with_name(f".{path.name}.partial")
         self._expected = shard_size(entries)
         self._written = 0
-        self._handed_off = self._previous = 0
         self._hash = xxhash.xxh3_64()
-        self._handle = open(self.tmp, "wb", buffering=0)  # noqa: SIM115
+        self._reserved: memoryview | None = None
+        self._file = open_output(self.tmp, durable)
         try:
             self.write(memoryview(encode_header(entries)))
         except BaseException:
@@ -143,24 +141,23 @@ class ShardWriter:
 
     def write(self, data: memoryview) -> None:
         data = data.cast("B")
-        done = 0
-        while done < len(data):
-            done += self._handle.write(data[done:])
+        self._file.write(data)
         self._hash.update(data)
         self._written += len(data)
-        if self._durable and self._written - self._handed_off >= WRITEBACK_WINDOW:
-            self._hand_off()
 
-    def _hand_off(self) -> None:
-        """Start writing the last window to disk now, so the closing fsync waits for one window, not the
-        shard, and the disk writes while this worker reads and computes (with the page cache far larger
-        than a shard, the kernel would otherwise start only at that fsync). DONTNEED starts writeback of
-        dirty pages without waiting for it, and drops the pages already written: a 1.3 TB output then
-        does not push the rest of the machine out of the page cache."""
-        start = self._previous  # the window before: written by now, so its pages are dropped
-        with contextlib.suppress(OSError):  # advice only: a file system may not take it
-            os.posix_fadvise(self._handle.fileno(), start, self._written - start, os.POSIX_FADV_DONTNEED)
-        self._previous, self._handed_off = self._handed_off, self._written
+    def reserve(self, nbytes: int) -> memoryview | None:
+        """Room for the next ``nbytes`` in the output file's own buffer (None: use ``write``)."""
+        self._reserved = self._file.reserve(nbytes)
+        return self._reserved
+
+    def commit(self, nbytes: int) -> None:
+        """The first ``nbytes`` of the last reserve are filled: they are the next bytes of the shard."""
+        if self._reserved is None or nbytes > len(self._reserved):
+            raise RuntimeError(f"{self.path}: commit of {nbytes} bytes without room reserved")
+        self._hash.update(self._reserved[:nbytes])
+        self._reserved = None
+        self._file.commit(nbytes)
+        self._written += nbytes
 
     def __enter__(self) -> ShardWriter:
         return self
@@ -174,16 +171,14 @@ class ShardWriter:
         try:
             if self._written != self._expected:
                 raise RuntimeError(f"{self.path}: wrote {self._written} bytes, planned {self._expected}")
-            if self._durable:
-                os.fsync(self._handle.fileno())
-            self._handle.close()
+            self._file.finish()
             os.replace(self.tmp, self.path)
         except BaseException:
             self._discard()
             raise
 
     def _discard(self) -> None:
-        self._handle.close()
+        self._file.abort()
         self.tmp.unlink(missing_ok=True)
 
     @property

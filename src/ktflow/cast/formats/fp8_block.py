@@ -98,11 +98,11 @@ class Fp8Block(WeightFormat):
                     nans.add(fp8_nan_count(raw))
                 index = work.take("index", count * cols, np.int32).reshape(count, cols)
                 np.add(raw, offsets, out=index)
-                result = work.take("out", count * cols, np.uint16)
+                result, reserved = base.output_chunk(sink, work, count * cols)
                 np.take(tables, index.reshape(-1), out=result, mode="wrap")
                 if overflow is not None:
                     overflow.add(base.count_bf16_nonfinite(result, work))
-                sink(base.as_bytes(result))
+                base.emit(sink, result, reserved)
         nans.raise_if_any()
         if overflow is not None:
             overflow.raise_if_any()

@@ -123,11 +123,11 @@ class Int4Pack(WeightFormat):
             local = scale[start : start + count]
             with np.errstate(over="ignore"):  # an Inf product is counted (overflow tally), not warned
                 self._multiply(values, local, products.reshape(count, cols))
-            result = work.take("out", count * cols, np.uint16)
+            result, reserved = base.output_chunk(sink, work, count * cols)
             base.round_to_bf16(products, result, work.take("carry", count * cols, np.uint32))
             if overflow is not None:
                 overflow.add(base.count_bf16_nonfinite(result, work))
-            sink(base.as_bytes(result))
+            base.emit(sink, result, reserved)
         if overflow is not None:
             overflow.raise_if_any()
 
