@@ -265,6 +265,7 @@ def _write_shard(
 ) -> None:
     with ShardWriter(state.dst / shard.name, [out.entry for out in shard.tensors], state.durable) as writer:
         advance(writer.size)  # the header
+        reader.ask_for(slot for out in shard.tensors for slot in out.inputs[1:])  # the scales
         sink = _ShardSink(writer, advance)
         for out in shard.tensors:
             before = writer.size

@@ -43,9 +43,7 @@ class Reader:
 
     def readinto(self, slot: TensorSlot, offset: int, out: memoryview, *, streaming: bool = True) -> None:
         """``streaming``: part of a tensor read front to back, so the disk is asked for what follows."""
-        handle = self._handles.get(slot.path)
-        if handle is None:
-            handle = self._handles[slot.path] = open(slot.path, "rb", buffering=0)  # noqa: SIM115
+        handle = self._handle(slot.path)
         if offset < 0 or offset + len(out) > slot.nbytes:
             raise ValueError(f"read past {slot.name}")
         if streaming:
@@ -69,6 +67,21 @@ class Reader:
         with contextlib.suppress(OSError):  # advice only
             os.posix_fadvise(handle, start, end + READAHEAD_WINDOW - start, os.POSIX_FADV_WILLNEED)
         self._advised[path] = end + READAHEAD_WINDOW
+
+    def ask_for(self, slots: Iterable[TensorSlot]) -> None:
+        """Have the disk start reading these tensors now: a shard's scales, which safetensors may put
+        after all its weights, are then read in one sweep instead of one seek per weight."""
+        for slot in slots:
+            with contextlib.suppress(OSError):  # advice only
+                os.posix_fadvise(
+                    self._handle(slot.path).fileno(), slot.start, slot.nbytes, os.POSIX_FADV_WILLNEED
+                )
+
+    def _handle(self, path: Path) -> Any:
+        handle = self._handles.get(path)
+        if handle is None:
+            handle = self._handles[path] = open(path, "rb", buffering=0)  # noqa: SIM115
+        return handle
 
     def read(self, slot: TensorSlot) -> bytearray:
         """A small tensor (a scale, a shape) read whole. It does not move the read-ahead cursor: safetensors
