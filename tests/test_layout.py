@@ -10,6 +10,8 @@ from __future__ import annotations
 import ast
 import importlib
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -113,3 +115,23 @@ def test_every_family_has_one_shape(package: str, registry: str) -> None:
 def test_no_module_is_over_the_size_limit() -> None:
     sizes = {p.relative_to(PACKAGE): len(p.read_text().splitlines()) for p in PACKAGE.rglob("*.py")}
     assert {path: n for path, n in sizes.items() if n > MAX_LINES} == {}
+
+
+def test_the_workflows_imports_load_no_server_stack() -> None:
+    """Snakemake parses the Snakefile for every job of a cluster run: what the rule files import
+    (config, plans, registries) must not pull in httpx, rich or psutil, which only a running
+    server or client needs."""
+    modules = sorted(
+        {
+            match.group(1)
+            for rule_file in (ROOT / "workflow" / "rules").glob("*.smk")
+            for match in re.finditer(r"^from (ktflow[\w.]*) import", rule_file.read_text(), re.M)
+        }
+    )
+    assert "ktflow.infer.plan" in modules
+    probe = (
+        f"import sys, importlib; [importlib.import_module(m) for m in {modules!r}]; "
+        "sys.exit(','.join(m for m in ('httpx', 'rich', 'psutil') if m in sys.modules) or None)"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], check=False, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr

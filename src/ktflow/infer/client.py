@@ -12,12 +12,14 @@ import os
 import queue
 import threading
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-import httpx
-
 from ktflow.errors import KtflowInputError
+
+if TYPE_CHECKING:  # httpx (and the rich it imports) loads only when a client is made: the
+    # backend registry is imported when the Snakefile is parsed, on every job of a cluster run.
+    import httpx
 from ktflow.infer.base import InferenceBackend, InferenceError, Request, Sampling
 
 log = logging.getLogger(__name__)
@@ -80,8 +82,10 @@ class OpenAIClient(InferenceBackend):
         self.retried = 0
         self._workers: list[threading.Thread] = []
         self._lock = threading.Lock()
+        import httpx
+
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self.http = httpx.Client(
+        self.http: httpx.Client = httpx.Client(
             base_url=check_base_url(base_url),
             timeout=httpx.Timeout(timeout_s, connect=min(timeout_s, 10.0)),
             limits=httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency),
@@ -98,7 +102,7 @@ class OpenAIClient(InferenceBackend):
 
     @base_url.setter
     def base_url(self, value: str) -> None:
-        self.http.base_url = httpx.URL(check_base_url(value))
+        self.http.base_url = check_base_url(value)
 
     def served_models(self) -> list[str]:
         response = self._send("GET", "models", None, threading.Event())
@@ -143,6 +147,8 @@ class OpenAIClient(InferenceBackend):
 
     def _send(self, method: str, path: str, body: dict[str, Any] | None, stop: threading.Event) -> Any:
         """One call with bounded retries and exponential backoff on transport errors and 5xx/429."""
+        import httpx
+
         for attempt in range(self.retries + 1):
             if stop.is_set():
                 raise Cancelled("stopped: another request failed")

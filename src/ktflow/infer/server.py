@@ -21,15 +21,15 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from pathlib import Path
-from typing import IO, Any
-
-import httpx
-import psutil
+from typing import IO, TYPE_CHECKING, Any
 
 from ktflow.errors import KtflowInputError
 from ktflow.infer.base import InferenceBackend, InferenceError, Request, Sampling, ServerDied
 from ktflow.infer.client import OpenAIClient, client_options
 from ktflow.lifetime import tied_to_parent
+
+if TYPE_CHECKING:  # loaded when a server runs, not when the backend registry is imported
+    import psutil
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +67,8 @@ def flag_args(flags: dict[str, Any], dashes: bool = True, field: str = "inferenc
 
 
 def process_tree(pid: int) -> list[psutil.Process]:
+    import psutil
+
     try:
         root = psutil.Process(pid)
         return [root, *root.children(recursive=True)]
@@ -83,6 +85,8 @@ def stop_tree(
     workers (SGLang's scheduler and detokenizer, holding GPU memory) are no longer its
     children, but are still found (psutil checks create times, so a reused pid is skipped).
     """
+    import psutil
+
     tree = {proc.pid: proc for proc in [*known, *process_tree(process.pid)] if proc.is_running()}
     for proc in tree.values():
         with contextlib.suppress(psutil.NoSuchProcess):
@@ -161,6 +165,8 @@ class ManagedServer(ABC):
 
     def _wait_ready(self, timeout_s: float) -> None:
         started = time.monotonic()
+        import httpx
+
         url = f"http://{HOST}:{self.port}/{self.health_path}"
         with httpx.Client(timeout=5.0, trust_env=False) as http:
             while True:
