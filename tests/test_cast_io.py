@@ -119,6 +119,36 @@ def test_o_direct_refused_at_the_first_write_goes_on_through_the_page_cache(
     assert (tmp_path / "f").read_bytes() == payload
 
 
+def test_a_short_direct_write_goes_on_from_where_it_stopped(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A short O_DIRECT write (injected: 1000 bytes) leaves the file offset unaligned; the next direct
+    write is then refused by the file system itself, and the rest must follow the 1000 bytes once."""
+    real_write, shortened = os.write, []
+
+    def short_once(handle: int, data: memoryview) -> int:
+        flags = fcntl.fcntl(handle, fcntl.F_GETFL)
+        if flags & os.O_DIRECT and not shortened:
+            shortened.append(True)
+            fcntl.fcntl(handle, fcntl.F_SETFL, flags & ~os.O_DIRECT)
+            try:
+                return real_write(handle, data[:1000])
+            finally:
+                fcntl.fcntl(handle, fcntl.F_SETFL, flags)
+        return real_write(handle, data)
+
+    monkeypatch.setattr(output_file.os, "write", short_once)
+    payload = random.Random(5).randbytes(output_file.DIRECT_BUFFER * 2 + 5)
+    out = output_file.open_output(tmp_path / "f", True)
+    if not isinstance(out, output_file.DirectFile):
+        out.abort()
+        pytest.skip("this file system refuses O_DIRECT at open")
+    out.write(memoryview(payload))
+    out.finish()
+    assert shortened
+    assert (tmp_path / "f").read_bytes() == payload
+
+
 def test_a_commit_needs_a_reserve(tmp_path: Path) -> None:
     with ShardWriter(tmp_path / "s.safetensors", [Entry("w", "BF16", (2,))]) as writer:
         with pytest.raises(RuntimeError, match="without room reserved"):

@@ -148,17 +148,17 @@ class DirectFile(OutputFile):
             pending.result()
 
     def _write_direct(self, data: memoryview) -> None:
-        try:
-            _write_all(self.handle, data)
-        except OSError as error:
-            # A file system may accept O_DIRECT at open and refuse it at the first write; a short
-            # write may leave the file offset unaligned. Either way the page cache takes the rest.
-            if error.errno != errno.EINVAL or not self._direct:
-                raise
-            self._buffered()
-            _write_all(self.handle, data)
-        if os.lseek(self.handle, 0, os.SEEK_CUR) % DIRECT_ALIGN:
-            self._buffered()
+        done = 0
+        while done < len(data):
+            try:
+                done += os.write(self.handle, data[done:])
+            except OSError as error:
+                # A file system may accept O_DIRECT at open and refuse it at the first write, and a
+                # short write leaves the next one unaligned. Either way the page cache takes the rest,
+                # from where the last write stopped.
+                if error.errno != errno.EINVAL or not self._direct:
+                    raise
+                self._buffered()
 
     def _buffered(self) -> None:
         if self._direct:
