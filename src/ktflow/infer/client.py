@@ -16,11 +16,11 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from ktflow.errors import KtflowInputError
+from ktflow.infer.base import InferenceBackend, InferenceError, Request, Sampling
 
 if TYPE_CHECKING:  # httpx (and the rich it imports) loads only when a client is made: the
     # backend registry is imported when the Snakefile is parsed, on every job of a cluster run.
     import httpx
-from ktflow.infer.base import InferenceBackend, InferenceError, Request, Sampling
 
 log = logging.getLogger(__name__)
 
