@@ -108,13 +108,7 @@ def test_o_direct_refused_at_the_first_write_goes_on_through_the_page_cache(
         return real_write(handle, data)
 
     monkeypatch.setattr(output_file.os, "write", refusing_write)
-    payload = random.Random(3).randbytes(output_file.DIRECT_BUFFER * 2 + 5)
-    out = output_file.open_output(tmp_path / "f", True)
-    if not isinstance(out, output_file.DirectFile):
-        out.abort()
-        pytest.skip("this file system refuses O_DIRECT at open")
-    out.write(memoryview(payload))
-    out.finish()
+    payload = write_two_buffers_direct(tmp_path / "f", seed=3)
     assert refused == [output_file.DIRECT_BUFFER]  # once, then never asked again
     assert (tmp_path / "f").read_bytes() == payload
 
@@ -138,15 +132,21 @@ def test_a_short_direct_write_goes_on_from_where_it_stopped(
         return real_write(handle, data)
 
     monkeypatch.setattr(output_file.os, "write", short_once)
-    payload = random.Random(5).randbytes(output_file.DIRECT_BUFFER * 2 + 5)
-    out = output_file.open_output(tmp_path / "f", True)
+    payload = write_two_buffers_direct(tmp_path / "f", seed=5)
+    assert shortened
+    assert (tmp_path / "f").read_bytes() == payload
+
+
+def write_two_buffers_direct(path: Path, seed: int) -> bytes:
+    """Two buffers and 5 bytes of random data through a DirectFile (durable); returns the data."""
+    payload = random.Random(seed).randbytes(output_file.DIRECT_BUFFER * 2 + 5)
+    out = output_file.open_output(path, True)
     if not isinstance(out, output_file.DirectFile):
         out.abort()
         pytest.skip("this file system refuses O_DIRECT at open")
     out.write(memoryview(payload))
     out.finish()
-    assert shortened
-    assert (tmp_path / "f").read_bytes() == payload
+    return payload
 
 
 def test_a_commit_needs_a_reserve(tmp_path: Path) -> None:
